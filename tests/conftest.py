@@ -1,0 +1,79 @@
+"""Shared fixtures: every async test runs on the default loop and on uvloop, with a guard
+that fails any blocking system call walasync makes on the event loop thread."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from blockbuster import BlockBuster, BlockBusterFunction
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is in the test extra on every POSIX system
+    uvloop = None
+
+# System calls walasync makes that blockbuster does not watch by default.
+_WATCHED = (
+    "os.open",
+    "os.close",
+    "os.pread",
+    "os.pwrite",
+    "os.pwritev",
+    "os.fdatasync",
+    "os.fsync",
+    "os.ftruncate",
+    "os.fstat",
+    "os.listdir",
+    "os.makedirs",
+    "fcntl.flock",
+)
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    factories: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+        "asyncio": asyncio.new_event_loop
+    }
+    if uvloop is not None:
+        factories["uvloop"] = uvloop.new_event_loop
+    return factories
+
+
+def blocking_guard() -> BlockBuster:
+    """A BlockBuster that raises BlockingError when code in the walasync package makes a
+    blocking call on a thread that runs an event loop."""
+    guard = BlockBuster(scanned_modules=["walasync"])
+    for name in _WATCHED:
+        guard.functions[name] = BlockBusterFunction(None, name, scanned_modules=["walasync"])
+    return guard
+
+
+@pytest.fixture(autouse=True)
+def no_blocking_calls_on_the_loop() -> Iterator[BlockBuster]:
+    guard = blocking_guard()
+    guard.activate()
+    try:
+        yield guard
+    finally:
+        guard.deactivate()
+
+
+@pytest.fixture
+def log_dir(tmp_path: Path) -> Path:
+    """A path for a log directory that does not exist yet."""
+    return tmp_path / "log"
+
+
+def segment_files(path: Path) -> list[Path]:
+    """The segment files of a log directory, oldest first."""
+    return sorted(path.glob("*.wal"))
+
+
+def small(**options: Any) -> dict[str, Any]:
+    """Options for tests that want many segments from few records."""
+    return {"segment_size": 4096, **options}

@@ -1,0 +1,58 @@
+"""Options of an open log and the durability modes, validated once at open."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+__all__ = ("Durability", "Options")
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+class Durability(str, enum.Enum):
+    """When `append` returns, and so what an acknowledged record survives.
+
+    - `FSYNC` (default): after the batch is written and fdatasync'd. Survives a process
+      crash, an OS crash and power loss.
+    - `INTERVAL`: after the batch is written to the OS; fdatasync runs every
+      `sync_interval` seconds, on `sync()` and on `close()`. Survives a process crash;
+      an OS crash or power loss can lose what was acknowledged since the last fdatasync.
+    - `NONE`: after the batch is written to the OS; walasync never calls fdatasync except
+      on `sync()`. Survives a process crash; the OS decides when data reaches the disk.
+    """
+
+    FSYNC = "fsync"
+    INTERVAL = "interval"
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class Options:
+    """Tunables of an open log; see README.md, "Options"."""
+
+    durability: Durability = Durability.FSYNC
+    segment_size: int = 64 * MiB
+    max_record_size: int = 16 * MiB
+    max_batch_bytes: int = 4 * MiB
+    max_batch_delay: float = 0.0
+    max_pending_bytes: int = 64 * MiB
+    sync_interval: float = 0.05
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "durability", Durability(self.durability))
+        for name in ("segment_size", "max_record_size", "max_batch_bytes", "max_pending_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, not {value!r}")
+        if self.segment_size < 4 * KiB:
+            raise ValueError("segment_size must be at least 4096 bytes")
+        if self.max_record_size > 0xFFFFFFFF - 64:
+            raise ValueError("max_record_size must be below 4 GiB")
+        for name in ("max_batch_delay", "sync_interval"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0, not {value!r}")
+        if self.sync_interval == 0:
+            raise ValueError("sync_interval must be > 0")

@@ -1,0 +1,237 @@
+"""One segment file: its name, its header, walking its batches, and repairing its tail.
+
+Everything here blocks and runs on a worker thread. The rules for the end of a segment:
+a valid batch is one whose header, LSN and checksum are right; the data of a segment ends
+at end of file, at an all-zero header (the preallocated remainder), or at the first invalid
+batch. Only the last segment can end in a torn write, because everything before its last
+batch was fdatasync'd before the next batch was written. So an invalid stretch at the end
+of the last segment, followed only by zeros, is a torn tail and is zeroed out; one with a
+valid later batch after it is corruption and raises, as does any invalid batch in a sealed
+segment (found when it is read).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from . import _format as fmt
+from ._io import FileIO
+from .errors import CorruptionError, UnsupportedFormatError
+
+__all__ = (
+    "SPARE_NAME",
+    "Scan",
+    "install",
+    "parse_name",
+    "read_first_lsn",
+    "recover_tail",
+    "segment_name",
+)
+
+SPARE_NAME = "spare.tmp"
+_NAME = re.compile(r"^(\d{20})\.wal$")
+_CHUNK = 1 << 20
+
+
+def segment_name(first_lsn: int) -> str:
+    """File name of the segment whose first record has LSN `first_lsn` (sorts by LSN)."""
+    return f"{first_lsn:020d}.wal"
+
+
+def parse_name(name: str) -> int | None:
+    """The first LSN a segment file name stands for, or None if it is not a segment's name."""
+    m = _NAME.match(name)
+    return int(m.group(1)) if m else None
+
+
+def read_first_lsn(io: FileIO, fd: int, path: str, expected: int) -> None:
+    """Check a segment's header against the LSN its name promises.
+
+    Raises:
+        CorruptionError: the header is missing, damaged or disagrees with the name.
+        UnsupportedFormatError: the segment was written by a newer format version.
+    """
+    buf = io.pread(fd, fmt.SEGMENT_HEADER, 0)
+    try:
+        first = fmt.decode_segment_header(buf)
+    except fmt.FormatError as exc:
+        raise CorruptionError(path, 0, str(exc)) from None
+    except ValueError as exc:
+        raise UnsupportedFormatError(
+            path, 0, f"format version {exc.args[0]} is newer than {fmt.FORMAT_VERSION}"
+        ) from None
+    if first != expected:
+        raise CorruptionError(path, 0, f"header says first LSN {first}, name says {expected}")
+
+
+class Scan:
+    """Walks the valid batches of one open segment, in order, from a given offset.
+
+    After a call, `offset` is where the next batch would start, `next_lsn` the LSN it
+    must carry, and `end` says why walking stopped: None (more may follow), "eof", "zeros"
+    or "invalid" (the bytes at `offset` are not the batch that must come next).
+    """
+
+    def __init__(self, io: FileIO, fd: int, path: str, offset: int, next_lsn: int) -> None:
+        self.io = io
+        self.fd = fd
+        self.path = path
+        self.offset = offset
+        self.next_lsn = next_lsn
+        self.end: str | None = None
+        self.file_size = io.size(fd)
+
+    def batches(self, max_bytes: int = _CHUNK) -> list[tuple[int, fmt.BatchHeader, bytes]]:
+        """Read and check the next batches: about `max_bytes` of them, and at least one.
+
+        Returns (offset, header, unpadded payload) for each.
+        """
+        out: list[tuple[int, fmt.BatchHeader, bytes]] = []
+        if self.end is not None:
+            return out
+        buf = self.io.pread(self.fd, max(max_bytes, fmt.BATCH_HEADER), self.offset)
+        pos = 0
+        while True:
+            if self.offset >= self.file_size:
+                self.end = "eof"
+                break
+            if pos + fmt.BATCH_HEADER > len(buf):
+                if not out:  # the file ends inside this header
+                    self.end = _stop_reason(buf[pos:])
+                break
+            head = self._header(buf, pos)
+            if head is None:
+                break
+            stop = pos + fmt.BATCH_HEADER + head.length
+            if stop > len(buf):
+                if out:  # the next call reads this batch whole
+                    break
+                buf = self.io.pread(self.fd, fmt.BATCH_HEADER + head.length, self.offset)
+                pos, stop = 0, fmt.BATCH_HEADER + head.length
+            payload = buf[pos + fmt.BATCH_HEADER : stop]
+            if not fmt.check_batch(head, payload):
+                self.end = "invalid"
+                break
+            out.append((self.offset, head, payload))
+            pos += head.size
+            self.offset += head.size
+            self.next_lsn += head.nrecords
+        return out
+
+    def skip_to(self, lsn: int) -> None:
+        """Move forward, reading headers only, to the batch that holds `lsn`."""
+        while self.end is None and self.offset < self.file_size:
+            buf = self.io.pread(self.fd, fmt.BATCH_HEADER, self.offset)
+            if len(buf) < fmt.BATCH_HEADER:
+                return
+            head = self._header(buf, 0)
+            if head is None or head.first_lsn + head.nrecords > lsn:
+                return
+            self.offset += head.size
+            self.next_lsn += head.nrecords
+
+    def _header(self, buf: bytes, pos: int) -> fmt.BatchHeader | None:
+        """The header at `pos` if it is that of the batch that must come next; else None
+        with `end` set."""
+        head = fmt.parse_batch_header(buf, pos)
+        if head is None:
+            self.end = _stop_reason(buf[pos : pos + fmt.BATCH_HEADER])
+        elif (
+            head.first_lsn != self.next_lsn
+            or self.offset + fmt.BATCH_HEADER + head.length > self.file_size
+        ):
+            self.end = "invalid"
+            head = None
+        return head
+
+
+def _stop_reason(raw: bytes) -> str:
+    return "invalid" if raw.strip(b"\0") else "zeros"
+
+
+def recover_tail(io: FileIO, fd: int, path: str, first_lsn: int) -> tuple[int, int]:
+    """Find the end of the last segment's valid data and zero a torn tail.
+
+    Returns (end offset, next LSN). Everything from the end offset on is zeros once this
+    returns, so a later crash cannot mistake old bytes for new ones.
+
+    Raises:
+        CorruptionError: a valid batch lies beyond invalid bytes (acknowledged data lost).
+    """
+    scan = Scan(io, fd, path, fmt.SEGMENT_HEADER, first_lsn)
+    while scan.end is None:
+        scan.batches(8 * _CHUNK)
+    end = scan.offset
+    last_nonzero = _last_nonzero(io, fd, end, scan.file_size)
+    if last_nonzero > end:
+        later = _valid_batch_after(io, fd, end, last_nonzero, scan.next_lsn)
+        if later is not None:
+            raise CorruptionError(
+                path,
+                end,
+                f"invalid bytes before a valid batch at offset {later}: "
+                "acknowledged records are missing",
+            )
+        io.zero_fill(fd, end, last_nonzero)
+        io.fdatasync(fd)
+    return end, scan.next_lsn
+
+
+def _last_nonzero(io: FileIO, fd: int, start: int, stop: int) -> int:
+    """Offset just past the last non-zero byte in [start, stop), or `start` if none."""
+    last = start
+    pos = start
+    while pos < stop:
+        chunk = io.pread(fd, min(_CHUNK, stop - pos), pos)
+        if not chunk:
+            break
+        stripped = chunk.rstrip(b"\0")
+        if stripped:
+            last = pos + len(stripped)
+        pos += len(chunk)
+    return last
+
+
+def _valid_batch_after(io: FileIO, fd: int, start: int, stop: int, min_lsn: int) -> int | None:
+    """Offset of a valid batch with LSN >= `min_lsn` at an aligned offset in (start, stop)."""
+    magic = fmt.BATCH_MAGIC.to_bytes(4, "little")
+    base = start + 8
+    pos = base
+    while pos < stop:
+        chunk = io.pread(fd, min(_CHUNK, stop - pos) + 3, pos)
+        i = chunk.find(magic)
+        while i != -1:
+            at = pos + i
+            if at % 8 == 0 and at < stop and _is_batch_at(io, fd, at, min_lsn):
+                return at
+            i = chunk.find(magic, i + 1)
+        pos += _CHUNK
+    return None
+
+
+def _is_batch_at(io: FileIO, fd: int, offset: int, min_lsn: int) -> bool:
+    head_bytes = io.pread(fd, fmt.BATCH_HEADER, offset)
+    if len(head_bytes) < fmt.BATCH_HEADER:
+        return False
+    head = fmt.parse_batch_header(head_bytes)
+    if head is None or head.first_lsn < min_lsn:
+        return False
+    if offset + fmt.BATCH_HEADER + head.length > io.size(fd):
+        return False
+    payload = io.pread(fd, head.length, offset + fmt.BATCH_HEADER)
+    return fmt.check_batch(head, payload)
+
+
+def install(io: FileIO, fd: int, spare_path: str, directory: str, first_lsn: int) -> str:
+    """Turn a zero-filled spare file into the segment starting at `first_lsn`, durably.
+
+    The header is fdatasync'd before the rename, and the directory is fsynced after it, so
+    a segment that exists under its final name after a crash always has a valid header.
+    """
+    io.pwritev(fd, [fmt.encode_segment_header(first_lsn)], 0)
+    io.fdatasync(fd)
+    path = os.path.join(directory, segment_name(first_lsn))
+    io.rename(spare_path, path)
+    io.fsync_dir(directory)
+    return path

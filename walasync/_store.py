@@ -1,0 +1,173 @@
+"""The directory of segments: the lock, recovery on open, rotation and the spare segment.
+
+Every method blocks and runs on the log's I/O thread (`open` included), so their order is
+the order of submission. Invariants:
+
+- Segment files are named by their first LSN and never overlap; only the last is written.
+- A segment appears under its final name only after its header is durable, and the
+  directory is fsynced before any record in it is acknowledged.
+- The next segment is zero-filled ahead of need on a second thread (as etcd keeps a spare
+  file ready), so a rotation costs a header write, a rename and two fsyncs, and writes into
+  a zero-filled file let fdatasync skip the metadata of a growing file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from . import _format as fmt
+from . import _segment as seg
+from ._io import FileIO
+from .errors import LockedError
+
+__all__ = ("Store",)
+
+LOCK_NAME = "LOCK"
+
+
+class Store:
+    """An open log directory, owning its lock and the file descriptor of the last segment."""
+
+    def __init__(
+        self, io: FileIO, path: str, segment_size: int, lock_fd: int, *, fsync: bool
+    ) -> None:
+        self.io = io
+        self.path = path
+        self.segment_size = segment_size
+        self.fsync = fsync
+        self._lock_fd = lock_fd
+        self.segments: list[int] = []  # first LSN of each segment, ascending
+        self.fd = -1
+        self.end = 0  # where the next batch goes in the last segment
+        self.next_lsn = 1
+        self._dirty = False  # written since the last fdatasync of the last segment
+        self._spare_pool = ThreadPoolExecutor(1, thread_name_prefix="walasync-prealloc")
+        self._spare: Future[int] | None = None
+
+    @classmethod
+    def open(cls, io: FileIO, path: str, segment_size: int, fsync: bool = True) -> Store:
+        """Lock the directory (creating it if needed) and recover its last segment.
+
+        Raises:
+            LockedError: another opener holds the lock.
+            CorruptionError: the last segment's header or data is damaged.
+        """
+        path = os.path.abspath(path)
+        if io.makedirs(path):
+            io.fsync_dir(os.path.dirname(path))
+        lock_fd = io.open(os.path.join(path, LOCK_NAME), create=True)
+        try:
+            io.lock(lock_fd)
+        except BlockingIOError:
+            io.close(lock_fd)
+            raise LockedError(f"{path} is open in another Wal (its LOCK file is held)") from None
+        store = cls(io, path, segment_size, lock_fd, fsync=fsync)
+        try:
+            store._recover()
+        except BaseException:
+            store.close(sync=False)
+            raise
+        return store
+
+    def _recover(self) -> None:
+        names = self.io.listdir(self.path)
+        if seg.SPARE_NAME in names:
+            self.io.unlink(os.path.join(self.path, seg.SPARE_NAME))
+        self.segments = sorted(lsn for lsn in map(seg.parse_name, names) if lsn is not None)
+        if not self.segments:
+            self.fd = self._make_spare()
+            self._install(1)
+            self._spare = self._spare_pool.submit(self._make_spare)
+            return
+        last = self.segments[-1]
+        path = self.segment_path(last)
+        self.fd = self.io.open(path)
+        seg.read_first_lsn(self.io, self.fd, path, last)
+        self.end, self.next_lsn = seg.recover_tail(self.io, self.fd, path, last)
+        self._spare = self._spare_pool.submit(self._make_spare)
+
+    def segment_path(self, first_lsn: int) -> str:
+        return os.path.join(self.path, seg.segment_name(first_lsn))
+
+    def write_batch(self, first_lsn: int, records: Sequence[bytes], sync: bool) -> None:
+        """Append one batch (rotating first if it does not fit), then fdatasync if `sync`."""
+        if first_lsn != self.next_lsn:
+            raise AssertionError(f"batch LSN {first_lsn} != expected {self.next_lsn}")
+        head, body = fmt.encode_batch(first_lsn, records)
+        size = len(head) + len(body)
+        if self.end + size > self.segment_size and self.end > fmt.SEGMENT_HEADER:
+            self._rotate(first_lsn)
+        self.io.pwritev(self.fd, (head, body), self.end)
+        self.end += size
+        self.next_lsn += len(records)
+        self._dirty = True
+        if sync:
+            self.io.fdatasync(self.fd)
+            self._dirty = False
+
+    def sync(self) -> None:
+        """fdatasync the last segment if anything was written since its last fdatasync."""
+        if self._dirty:
+            self.io.fdatasync(self.fd)
+            self._dirty = False
+
+    def _rotate(self, first_lsn: int) -> None:
+        if self.fsync:
+            self.sync()  # seal: the old segment is never written or synced again
+        assert self._spare is not None
+        spare_fd = self._spare.result()
+        self._spare = None
+        old_fd, self.fd = self.fd, spare_fd
+        self.io.close(old_fd)
+        self._install(first_lsn)
+        self._spare = self._spare_pool.submit(self._make_spare)
+
+    def _install(self, first_lsn: int) -> None:
+        seg.install(self.io, self.fd, os.path.join(self.path, seg.SPARE_NAME), self.path, first_lsn)
+        if not self.segments or self.segments[-1] != first_lsn:
+            self.segments.append(first_lsn)
+        self.end = fmt.SEGMENT_HEADER
+        self.next_lsn = first_lsn
+        self._dirty = False
+
+    def _make_spare(self) -> int:
+        """Create the spare file, zero-filled to the segment size and durable."""
+        fd = self.io.open(os.path.join(self.path, seg.SPARE_NAME), create=True)
+        try:
+            self.io.truncate(fd, 0)
+            self.io.zero_fill(fd, 0, self.segment_size)
+            self.io.fdatasync(fd)
+        except BaseException:
+            self.io.close(fd)
+            raise
+        return fd
+
+    def close(self, sync: bool = True) -> None:
+        """Close every file and release the lock; first fdatasync if `sync` (and fsync is on).
+
+        After a failed fdatasync, close with `sync=False`: a retry could report success for
+        pages the kernel already dropped.
+        """
+        try:
+            if self.fd >= 0 and sync and self.fsync:
+                self.sync()
+        finally:
+            self._drop_spare()
+            if self.fd >= 0:
+                self.io.close(self.fd)
+                self.fd = -1
+            if self._lock_fd >= 0:
+                self.io.close(self._lock_fd)
+                self._lock_fd = -1
+
+    def _drop_spare(self) -> None:
+        spare, self._spare = self._spare, None
+        self._spare_pool.shutdown(wait=True)
+        if spare is not None and spare.exception() is None:
+            self.io.close(spare.result())
+        try:
+            self.io.unlink(os.path.join(self.path, seg.SPARE_NAME))
+        except FileNotFoundError:
+            pass

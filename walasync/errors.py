@@ -1,0 +1,70 @@
+"""Exceptions raised by walasync: one base class, each subclass named for what happened."""
+
+from __future__ import annotations
+
+__all__ = (
+    "BrokenLogError",
+    "ClosedError",
+    "CorruptionError",
+    "LockedError",
+    "RecordTooLargeError",
+    "UnsupportedFormatError",
+    "WalError",
+    "WrongLoopError",
+)
+
+
+class WalError(Exception):
+    """Base class of every error walasync raises on purpose."""
+
+
+class ClosedError(WalError):
+    """The log was used after `close()` began."""
+
+
+class LockedError(WalError):
+    """Another `Wal`, in this process or another, holds the log's lock."""
+
+
+class RecordTooLargeError(WalError, ValueError):
+    """A record (or an `append_many` unit) is larger than `max_record_size`."""
+
+
+class WrongLoopError(WalError, RuntimeError):
+    """The log was used from an event loop other than the one that opened it."""
+
+
+class BrokenLogError(WalError):
+    """A write or fdatasync failed, so the log accepts nothing more.
+
+    After a failed fdatasync the kernel may have dropped the dirty pages, so retrying could
+    claim durability that does not exist (PostgreSQL's "fsyncgate"). Every pending and later
+    append raises this error with the first failure as its cause; reopen the log to recover
+    everything that was acknowledged.
+    """
+
+
+class CorruptionError(WalError):
+    """Bytes on disk are not a valid log where acknowledged records must be.
+
+    Attributes:
+        path: the segment file.
+        offset: the byte offset in that file where the invalid data starts.
+    """
+
+    def __init__(self, path: str, offset: int, reason: str) -> None:
+        super().__init__(f"{path}: offset {offset}: {reason}")
+        self.path = path
+        self.offset = offset
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type[CorruptionError], tuple[str, int, str]]:
+        return (type(self), (self.path, self.offset, self.reason))
+
+
+class UnsupportedFormatError(CorruptionError):
+    """A segment was written in a format version this walasync cannot read."""
+
+
+for _name in __all__:
+    globals()[_name].__module__ = "walasync"
