@@ -4,9 +4,9 @@ For each concurrency level N (default 1, 16, 256, 1024) and 100-byte records, me
 appends/s and p50/p99 append latency for:
 
 * ``walasync-asyncio`` / ``walasync-uvloop``: N coroutines looping on ``await wal.append(rec)``.
-* ``per-record``: N threads (capped at 256), each doing ``os.write`` + ``os.fdatasync`` per
+* ``per-record``: N threads (capped at 256), each doing ``os.pwrite`` + ``os.fdatasync`` per
   record under one ``threading.Lock``: durability without group commit.
-* ``raw``: one thread doing ``os.writev`` of N pre-built frames + ``os.fdatasync`` per batch:
+* ``raw``: one thread doing ``os.pwritev`` of N pre-built frames + ``os.fdatasync`` per batch:
   the disk's limit with no per-record work (a record's latency is its batch's call time).
 
 Like walasync inside its zero-filled segments, both baselines overwrite a preallocated,
@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import importlib.util
 import json
+import math
 import os
 import platform
 import shutil
@@ -70,6 +71,20 @@ class Window:
         return cls(start, start + int(duration * 1e9))
 
 
+@dataclass(frozen=True)
+class Params:
+    """Per-repetition settings shared by every implementation."""
+
+    duration: float
+    warmup: float
+    append: bool = False
+    segment_size: int | None = None
+
+    def window(self) -> Window:
+        """A fresh timed window starting after the warm-up."""
+        return Window.after(self.warmup, self.duration)
+
+
 @dataclass
 class Rep:
     """One repetition of one cell."""
@@ -108,8 +123,7 @@ def percentile(sorted_ns: Sequence[int], q: float) -> float | None:
     """Nearest-rank percentile of sorted nanosecond samples, in microseconds."""
     if not sorted_ns:
         return None
-    idx = min(len(sorted_ns) - 1, max(0, int(q * len(sorted_ns) + 0.999999) - 1))
-    return sorted_ns[idx] / 1e3
+    return sorted_ns[max(0, math.ceil(q * len(sorted_ns)) - 1)] / 1e3
 
 
 def make_rep(lat_ns: list[int], win: Window, weight: int = 1, threads: int | None = None) -> Rep:
@@ -148,12 +162,14 @@ def uvloop_factory() -> LoopFactory:
 
 
 async def _walasync_cell(
-    path: Path, n: int, record: bytes, warmup: float, duration: float
+    path: Path, n: int, record: bytes, prm: Params
 ) -> tuple[list[int], Window]:
-    walasync = _import_walasync()
-    wal = await walasync.open(str(path))
+    import walasync
+
+    opts: dict[str, Any] = {} if prm.segment_size is None else {"segment_size": prm.segment_size}
+    wal = await walasync.open(path, **opts)
     lat: list[int] = []
-    win = Window.after(warmup, duration)
+    win = prm.window()
 
     async def worker() -> None:
         append, clock, start, end = wal.append, time.perf_counter_ns, win.start, win.end
@@ -170,13 +186,16 @@ async def _walasync_cell(
     return lat, win
 
 
-def run_walasync(
-    loop_factory: LoopFactory | None, path: Path, n: int, warmup: float, duration: float
-) -> Rep:
+def run_walasync(loop_factory: LoopFactory | None, path: Path, n: int, prm: Params) -> Rep:
     """N coroutines appending to a fresh walasync log on the given event loop."""
+    _ensure_walasync_importable()
     record = b"w" * RECORD_SIZE
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        lat, win = runner.run(_walasync_cell(path, n, record, warmup, duration))
+    loop = (loop_factory or asyncio.new_event_loop)()  # no asyncio.Runner: keep 3.10 support
+    try:
+        lat, win = loop.run_until_complete(_walasync_cell(path, n, record, prm))
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
     return make_rep(lat, win)
 
 
@@ -199,11 +218,11 @@ def open_target(path: Path, append: bool) -> tuple[int, int]:
     return fd, RING_SIZE
 
 
-def run_per_record(path: Path, n: int, warmup: float, duration: float, append: bool) -> Rep:
+def run_per_record(path: Path, n: int, prm: Params) -> Rep:
     """min(N, 256) threads doing write + fdatasync per record under one lock."""
     threads = min(n, MAX_THREADS)
     record = b"p" * RECORD_SIZE
-    fd, ring = open_target(path, append)
+    fd, ring = open_target(path, prm.append)
     offset = 0
     lock = threading.Lock()
     go = threading.Event()
@@ -230,7 +249,7 @@ def run_per_record(path: Path, n: int, warmup: float, duration: float, append: b
     try:
         for t in pool:
             t.start()
-        w = Window.after(warmup, duration)
+        w = prm.window()
         win.start, win.end = w.start, w.end
         go.set()
         for t in pool:
@@ -240,15 +259,15 @@ def run_per_record(path: Path, n: int, warmup: float, duration: float, append: b
     return make_rep([x for lat in lats for x in lat], win, threads=threads)
 
 
-def run_raw(path: Path, n: int, warmup: float, duration: float, append: bool) -> Rep:
+def run_raw(path: Path, n: int, prm: Params) -> Rep:
     """One thread: writev of N pre-built frames + fdatasync per batch."""
     frames = [b"r" * RECORD_SIZE for _ in range(n)]
     iov_max = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
     chunks = [frames[i : i + iov_max] for i in range(0, n, iov_max)]
-    fd, ring = open_target(path, append)
+    fd, ring = open_target(path, prm.append)
     offset, batch = 0, n * RECORD_SIZE
     lat: list[int] = []
-    win = Window.after(warmup, duration)
+    win = prm.window()
     clock, start, end = time.perf_counter_ns, win.start, win.end
     try:
         while (t0 := clock()) < end:
@@ -265,18 +284,16 @@ def run_raw(path: Path, n: int, warmup: float, duration: float, append: bool) ->
     return make_rep(lat, win, weight=n)
 
 
-def run_impl(
-    impl: str, path: Path, n: int, warmup: float, duration: float, append: bool = False
-) -> Rep:
+def run_impl(impl: str, path: Path, n: int, prm: Params) -> Rep:
     """Run one repetition of ``impl`` at concurrency ``n`` writing under ``path``."""
     if impl == "walasync-asyncio":
-        return run_walasync(None, path, n, warmup, duration)
+        return run_walasync(None, path, n, prm)
     if impl == "walasync-uvloop":
-        return run_walasync(uvloop_factory(), path, n, warmup, duration)
+        return run_walasync(uvloop_factory(), path, n, prm)
     if impl == "per-record":
-        return run_per_record(path, n, warmup, duration, append)
+        return run_per_record(path, n, prm)
     if impl == "raw":
-        return run_raw(path, n, warmup, duration, append)
+        return run_raw(path, n, prm)
     raise ValueError(impl)
 
 
@@ -308,7 +325,7 @@ def machine_info(tmp: Path) -> dict[str, Any]:
         "implementation": platform.python_implementation(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
-        "dir": str(tmp),
+        "dir": str(tmp.resolve()),
         "fs": fs_type(tmp),
     }
 
@@ -320,7 +337,8 @@ def _fmt(x: float | None, spec: str = ",.0f") -> str:
 def _ratio(num: Cell, den: Cell | None) -> str:
     if den is None or den is num or not den.reps or not num.reps or den.rate == 0:
         return "-"
-    return f"{num.rate / den.rate:.3g}x"
+    r = num.rate / den.rate
+    return f"{r:.0f}x" if r >= 100 else f"{r:.2f}x" if r >= 0.1 else f"{r:.3f}x"
 
 
 def render(cells: dict[tuple[str, int], Cell], impls: list[str], ns: list[int]) -> str:
@@ -375,6 +393,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="baselines append to a growing file instead of overwriting a preallocated one",
     )
+    p.add_argument("--segment-size", type=int, help="walasync segment_size in bytes")
     p.add_argument("--json", metavar="PATH", help="write all raw numbers to PATH")
     return p.parse_args(argv)
 
@@ -390,6 +409,31 @@ def select_impls(spec: str) -> list[str]:
     return [i for i in IMPLS if i in wanted]
 
 
+def run_grid(
+    cells: dict[tuple[str, int], Cell], ns: list[int], repeats: int, tmp: Path, prm: Params
+) -> None:
+    """Fill ``cells``: per N, repetition-major so implementations interleave."""
+    seq = 0
+    for n in ns:
+        for rep in range(1, repeats + 1):
+            for (impl, cell_n), cell in cells.items():
+                if cell_n != n or cell.skipped:
+                    continue
+                seq += 1
+                path = tmp / f"{seq:03d}-{impl}-{n}"
+                try:
+                    cell.reps.append(run_impl(impl, path, n, prm))
+                    msg = f"{cell.reps[-1].rate:,.0f} rec/s"
+                except Skip as exc:
+                    cell.skipped = msg = str(exc)
+                finally:
+                    if path.is_dir():
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        path.unlink(missing_ok=True)
+                print(f"  N={n} rep {rep} {impl}: {msg}", file=sys.stderr, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the benchmark grid and print the table (and optionally JSON)."""
     args = parse_args(argv)
@@ -398,7 +442,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     warmup = args.warmup if args.warmup is not None else preset["warmup"]
     repeats = args.repeats if args.repeats is not None else int(preset["repeats"])
     ns = [int(x) for x in args.concurrency.split(",") if x.strip()]
+    if not ns or min(ns) < 1 or repeats < 1 or duration <= 0 or warmup < 0:
+        raise SystemExit("need N >= 1, --repeats >= 1, --duration > 0, --warmup >= 0")
     impls = select_impls(args.impl)
+    prm = Params(duration, warmup, args.append, args.segment_size)
 
     parent = Path(args.dir)
     created_parent = not parent.exists()
@@ -417,27 +464,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         + ("growing file" if args.append else "preallocated file")
     )
     try:
-        seq = 0
-        for n in ns:
-            for rep in range(repeats):
-                for impl in impls:
-                    cell = cells[(impl, n)]
-                    if cell.skipped:
-                        continue
-                    seq += 1
-                    path = tmp / f"{seq:03d}-{impl}-{n}"
-                    try:
-                        rep_ = run_impl(impl, path, n, warmup, duration, args.append)
-                        cell.reps.append(rep_)
-                    except Skip as exc:
-                        cell.skipped = str(exc)
-                    finally:
-                        if path.is_dir():
-                            shutil.rmtree(path, ignore_errors=True)
-                        elif path.exists():
-                            path.unlink()
-                    done = cell.reps[-1].rate if cell.reps and not cell.skipped else 0.0
-                    print(f"  N={n} rep {rep + 1} {impl}: {done:,.0f} rec/s", file=sys.stderr)
+        run_grid(cells, ns, repeats, tmp, prm)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if created_parent:
@@ -448,7 +475,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     elapsed = time.perf_counter() - started
 
     print(render(cells, impls, ns))
-    notes = [f"per-record uses min(N, {MAX_THREADS}) threads; the lock serialises them anyway"]
+    notes = [
+        f"per-record runs {MAX_THREADS} threads at N={n} (capped; the lock serialises anyway)"
+        for n in ns
+        if n > MAX_THREADS and "per-record" in impls
+    ]
     notes += [f"{c.impl} skipped: {c.skipped}" for c in cells.values() if c.skipped]
     for note in dict.fromkeys(notes):
         print(f"# note: {note}")
@@ -465,6 +496,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "concurrency": ns,
                 "impls": impls,
                 "max_threads": MAX_THREADS,
+                "segment_size": args.segment_size,
                 "baseline_file": "append" if args.append else f"preallocated {RING_SIZE} B ring",
             },
             "elapsed_s": elapsed,

@@ -1,10 +1,11 @@
 """Group commit: every pending append goes out in one write plus one fdatasync.
 
 Theory of operation. `put` queues a unit (one record, or the records of one
-`append_many`) and hands back a future. One batch task takes everything pending (up to
-`max_batch_bytes`, never splitting a unit), assigns the LSNs, and has the I/O thread write
-the batch and fdatasync it; meanwhile the next batch accumulates. Once the I/O thread
-reports back, the task resolves the batch's futures with their first LSNs, in order.
+`append_many`) and hands back a future. When no batch is in flight, the queue is taken at
+once (up to `max_batch_bytes`, never splitting a unit): the LSNs are assigned and the I/O
+thread writes the batch and makes it durable, while the next batch accumulates. When the
+I/O thread reports back (a callback on the loop: no task, no extra wake-up), the batch's
+futures are resolved with their first LSNs, in order, and the next batch goes out.
 
 Invariants:
 - One batch in flight, and LSNs assigned in queue order: LSNs are dense and the file holds
@@ -57,14 +58,15 @@ class Batcher:
         self._reserved = 0  # bytes granted to appenders that left the space queue
         self._space_waiters: deque[tuple[asyncio.Future[None], int]] = deque()
         self._sync_waiters: list[tuple[int, asyncio.Future[None]]] = []
-        self._wakeup: asyncio.Future[None] | None = None
+        self._batch: tuple[int, list[asyncio.Future[int]], list[int]] | None = None  # in flight
+        self._timer: asyncio.Handle | None = None  # a batch waiting out max_batch_delay
+        self._drained: asyncio.Future[None] | None = None  # set once closed and drained
         self.next_lsn = store.next_lsn  # LSN of the next batch
         self.acked_lsn = self.next_lsn - 1  # highest LSN acknowledged to an appender
         self.synced_lsn = self.acked_lsn  # highest LSN known fdatasync'd
         self.in_flight = 0  # records in the batch being written
         self.failure: BaseException | None = None
         self.closing = False
-        self._task = self._loop.create_task(self._run(), name="walasync-batcher")
         self._ticker: asyncio.Task[None] | None = None
         if options.durability is Durability.INTERVAL:
             self._ticker = self._loop.create_task(
@@ -114,10 +116,8 @@ class Batcher:
         self._sizes.append(size)
         self._pending_bytes += size
         self._pending_records += count
-        wakeup = self._wakeup
-        if wakeup is not None:
-            self._wakeup = None
-            wakeup.set_result(None)
+        if self._batch is None and self._timer is None:
+            self._start()
         return fut
 
     async def _put_when_room(self, records: bytes | list[bytes], count: int, size: int) -> int:
@@ -175,40 +175,70 @@ class Batcher:
             self._grant_space()
         return records, futures, counts
 
-    async def _run(self) -> None:
-        """The batch task: take, write (and fdatasync), resolve; until closed and drained."""
-        futures: list[asyncio.Future[int]] = []
-        try:
-            while True:
-                if not self._futures:
-                    if self.closing and not self._space_waiters and not self._reserved:
-                        return
-                    self._wakeup = self._loop.create_future()
-                    await self._wakeup
-                    continue
-                if self._delay and self._pending_bytes < self._max_batch and not self.closing:
-                    await asyncio.sleep(self._delay)
-                records, futures, counts = self._take()
-                first = self.next_lsn
-                self.next_lsn = first + len(records)
-                self.in_flight = len(records)
-                await self._worker.run(self._store.write_batch, first, records, self._fsync)
-                self.in_flight = 0
-                self.acked_lsn = self.next_lsn - 1
-                if self._fsync:
-                    self.synced_lsn = self.acked_lsn
+    def _start(self) -> None:
+        """Send the next batch soon, or after `max_batch_delay` if one is set."""
+        if self._delay and self._pending_bytes < self._max_batch and not self.closing:
+            self._timer = self._loop.call_later(self._delay, self._send)
+        else:
+            # After the callbacks already due: the appenders that the last batch woke up
+            # append again first, and all go out together.
+            self._timer = self._loop.call_soon(self._send)
+
+    def _send(self) -> None:
+        self._timer = None
+        if self.failure is not None or not self._futures:
+            return
+        records, futures, counts = self._take()
+        first = self.next_lsn
+        self.next_lsn = first + len(records)
+        self.in_flight = len(records)
+        self._batch = (first, futures, counts)
+        self._worker.submit(
+            self._loop, self._store.write_batch, (first, records, self._fsync), self._sent
+        )
+
+    def _sent(self, _: object, exc: BaseException | None) -> None:
+        """On the loop, once the I/O thread has written (and made durable) the batch."""
+        assert self._batch is not None
+        first, futures, counts = self._batch
+        self._batch = None
+        self.in_flight = 0
+        if exc is None and self.failure is not None:  # the log broke while this was in flight
+            exc = self.failure
+        if exc is not None:
+            self._fail(exc, futures)
+        else:
+            self.acked_lsn = self.next_lsn - 1
+            if self._fsync:
+                self.synced_lsn = self.acked_lsn
+            if len(futures) == self.acked_lsn - first + 1:  # all single records
+                for lsn, fut in enumerate(futures, first):
+                    if not fut.done():
+                        fut.set_result(lsn)
+            else:
                 lsn = first
                 for fut, count in zip(futures, counts, strict=True):
                     if not fut.done():
                         fut.set_result(lsn)
                     lsn += count
-                futures = []
-                if self._sync_waiters:
-                    self._wake_syncers()
-        except BaseException as exc:
-            self._fail(exc, futures)
-            if not isinstance(exc, Exception):
-                raise
+            if self._sync_waiters:
+                self._wake_syncers()
+            if self._futures:
+                self._start()
+                return
+        self._check_drained()
+
+    def _check_drained(self) -> None:
+        if (
+            self._drained is not None
+            and self._batch is None
+            and (
+                self.failure is not None
+                or not (self._futures or self._space_waiters or self._reserved)
+            )
+            and not self._drained.done()
+        ):
+            self._drained.set_result(None)
 
     async def sync(self) -> None:
         """Wait until everything queued so far is acknowledged and fdatasync'd."""
@@ -272,20 +302,36 @@ class Batcher:
         self._pending_bytes = self._pending_records = 0
         self._space_waiters.clear()
         self._sync_waiters = []
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._check_drained()
 
     async def close(self) -> None:
         """Stop taking appends, write out everything queued, and fdatasync in INTERVAL mode."""
         self.closing = True
-        wakeup = self._wakeup
-        if wakeup is not None:
-            self._wakeup = None
-            wakeup.set_result(None)
-        await asyncio.wait([self._task])
+        self._drained = self._loop.create_future()
+        if self._timer is not None:  # no more waiting for company
+            self._timer.cancel()
+            self._send()
+        self._check_drained()
+        await self._drained
         if self._ticker is not None:
             self._ticker.cancel()
             await asyncio.wait([self._ticker])
             if self.failure is None:
                 await self.sync()
+
+    def abandon(self) -> None:
+        """Fail what is pending in a log nobody closed (from `Wal.__del__`, on any thread)."""
+        if not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                self._loop.call_soon_threadsafe(self._abandon)
+
+    def _abandon(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+        self._fail(ClosedError("the log was garbage-collected without close()"), [])
 
     def __repr__(self) -> str:
         state = "broken" if self.failure else "closing" if self.closing else "open"

@@ -1,11 +1,23 @@
 """The on-disk format: segment headers and batch frames. Pure functions, no I/O.
 
 A segment file is a 32-byte header followed by batch frames, each padded to 8 bytes, then
-zeros (the preallocated remainder). A batch frame holds every record of one group commit:
+zeros (the preallocated remainder).
 
-    header (24 bytes, little-endian)
+    segment header (32 bytes, little-endian)
+      0  8    SEGMENT_MAGIC
+      8  u16  format version
+     10  u16  flags (0)
+     12  u32  salt: random per segment, mixed into every batch checksum of the segment
+     16  u64  LSN of the first record
+     24  u32  reserved (0)
+     28  u32  CRC32C of bytes 0..28
+
+A batch frame holds every record of one group commit:
+
+    batch header (24 bytes, little-endian)
       0  u32  BATCH_MAGIC
-      4  u32  CRC32C of bytes 8..24 of this header followed by the payload
+      4  u32  CRC32C of the segment's salt (4 bytes), bytes 8..24 of this header, then the
+              payload
       8  u32  payload length in bytes (unpadded)
      12  u32  record count (at least 1)
      16  u64  LSN of the first record
@@ -17,7 +29,9 @@ zeros (the preallocated remainder). A batch frame holds every record of one grou
 One checksum per batch makes a batch all-or-nothing after a crash, which is what makes
 `append_many` atomic, and it costs one hardware CRC32C call per batch instead of one per
 record. Because the checksum covers the LSN and the length, stale bytes or a frame read at
-the wrong position cannot validate.
+the wrong position cannot validate; because it covers the segment's salt, neither can a
+frame that a record carries as data (a replica logging its leader's batches, say), so such
+a record cannot pass for a batch when recovery looks past a torn write.
 """
 
 from __future__ import annotations
@@ -39,6 +53,7 @@ __all__ = (
     "SEGMENT_MAGIC",
     "BatchHeader",
     "FormatError",
+    "SegmentHeader",
     "check_batch",
     "decode_records",
     "decode_segment_header",
@@ -55,8 +70,9 @@ BATCH_HEADER = 24
 BATCH_MAGIC = 0x31424C57  # b"WLB1" little-endian
 MAX_PAYLOAD = 0xFFFFFFFF
 
-_SEG = struct.Struct("<8sHHI Q")  # magic, version, flags, reserved, first LSN
-_SEG_CRC = struct.Struct("<I4x")
+_SEG = struct.Struct("<8sHHIQI")  # magic, version, flags, salt, first LSN, reserved
+_SEG_CRC = struct.Struct("<I")
+_SALT = struct.Struct("<I")
 _BATCH = struct.Struct("<IIIIQ")  # magic, crc, payload length, count, first LSN
 _FIELDS = struct.Struct("<IIQ")  # payload length, count, first LSN: what the CRC covers
 _U32 = array("I")
@@ -67,6 +83,13 @@ _PADS = tuple(bytes(n) for n in range(8))
 
 class FormatError(Exception):
     """Bytes that are not a valid header or frame (internal; mapped to CorruptionError)."""
+
+
+class SegmentHeader(NamedTuple):
+    """A decoded segment header."""
+
+    first_lsn: int
+    salt: int
 
 
 class BatchHeader(NamedTuple):
@@ -87,21 +110,21 @@ def padded(n: int) -> int:
     return (n + 7) & ~7
 
 
-def encode_segment_header(first_lsn: int) -> bytes:
-    head = _SEG.pack(SEGMENT_MAGIC, FORMAT_VERSION, 0, 0, first_lsn)
+def encode_segment_header(first_lsn: int, salt: int) -> bytes:
+    head = _SEG.pack(SEGMENT_MAGIC, FORMAT_VERSION, 0, salt, first_lsn, 0)
     return head + _SEG_CRC.pack(crc32c(head))
 
 
-def decode_segment_header(buf: bytes) -> int:
-    """Return the first LSN recorded in a segment header.
+def decode_segment_header(buf: bytes) -> SegmentHeader:
+    """Decode a segment header.
 
     Raises:
         FormatError: the header is short, has the wrong magic or checksum.
-        ValueError: the header is valid but of a newer format version (args: the version).
+        ValueError: the header is valid but of another format version (args: the version).
     """
     if len(buf) < SEGMENT_HEADER:
         raise FormatError("segment header is incomplete")
-    magic, version, _flags, _reserved, first_lsn = _SEG.unpack_from(buf)
+    magic, version, _flags, salt, first_lsn, _reserved = _SEG.unpack_from(buf)
     if magic != SEGMENT_MAGIC:
         raise FormatError("not a walasync segment (bad magic)")
     (crc,) = _SEG_CRC.unpack_from(buf, _SEG.size)
@@ -109,10 +132,10 @@ def decode_segment_header(buf: bytes) -> int:
         raise FormatError("segment header checksum mismatch")
     if version != FORMAT_VERSION:
         raise ValueError(version)
-    return int(first_lsn)
+    return SegmentHeader(first_lsn, salt)
 
 
-def encode_batch(first_lsn: int, records: Sequence[bytes]) -> tuple[bytes, bytes]:
+def encode_batch(first_lsn: int, records: Sequence[bytes], salt: int) -> tuple[bytes, bytes]:
     """Encode one batch as (header, padded payload), ready for one `pwritev`."""
     lengths = array("I", map(len, records))
     length = 4 * len(lengths) + sum(lengths)
@@ -122,7 +145,7 @@ def encode_batch(first_lsn: int, records: Sequence[bytes]) -> tuple[bytes, bytes
         lengths.byteswap()
     body = b"".join((lengths.tobytes(), *records, _PADS[-length & 7]))
     fields = _FIELDS.pack(length, len(lengths), first_lsn)
-    crc = crc32c(memoryview(body)[:length], crc32c(fields))
+    crc = crc32c(memoryview(body)[:length], crc32c(_SALT.pack(salt) + fields))
     return _BATCH.pack(BATCH_MAGIC, crc, length, len(lengths), first_lsn), body
 
 
@@ -134,9 +157,10 @@ def parse_batch_header(buf: bytes | memoryview, offset: int = 0) -> BatchHeader 
     return BatchHeader(crc, length, count, first_lsn)
 
 
-def check_batch(head: BatchHeader, payload: bytes | memoryview) -> bool:
-    """True if `payload` (unpadded, exactly `head.length` bytes) matches the header's CRC."""
-    fields = _FIELDS.pack(head.length, head.nrecords, head.first_lsn)
+def check_batch(head: BatchHeader, payload: bytes | memoryview, salt: int) -> bool:
+    """True if `payload` (unpadded, exactly `head.length` bytes) matches the header's CRC
+    in a segment with this salt."""
+    fields = _SALT.pack(salt) + _FIELDS.pack(head.length, head.nrecords, head.first_lsn)
     return crc32c(payload, crc32c(fields)) == head.crc
 
 

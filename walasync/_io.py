@@ -15,19 +15,16 @@ from collections.abc import Sequence
 __all__ = ("FileIO",)
 
 _ZEROS = bytes(1 << 20)
+_RWF_DSYNC: int | None = getattr(os, "RWF_DSYNC", None)
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 
 
 class FileIO:
     """Blocking file operations on real files (the default I/O layer)."""
 
-    def open(self, path: str, *, create: bool = False, exclusive: bool = False) -> int:
-        """Open `path` read-write; `create` makes it, failing if it exists with `exclusive`."""
-        flags = os.O_RDWR | os.O_CLOEXEC
-        if create:
-            flags |= os.O_CREAT
-        if exclusive:
-            flags |= os.O_EXCL
+    def open(self, path: str, *, create: bool = False) -> int:
+        """Open `path` read-write, creating it if `create`."""
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
         return os.open(path, flags, 0o644)
 
     def open_read(self, path: str) -> int:
@@ -50,11 +47,39 @@ class FileIO:
                 raise OSError(errno.EIO, "write made no progress")
             done += n
 
+    def write_durable(self, fd: int, buffers: Sequence[bytes], offset: int) -> None:
+        """Write `buffers` at `offset` and make them durable, as `pwritev` then `fdatasync`.
+
+        On Linux this is one `pwritev2(RWF_DSYNC)` call: the same guarantee as fdatasync
+        for the bytes written (and the file size), one system call fewer, and one fewer
+        wait for the GIL on the I/O thread. A subclass that overrides `pwritev` or
+        `fdatasync` gets the two calls instead, so it sees every write and every sync.
+        """
+        global _RWF_DSYNC
+        cls = type(self)
+        if (
+            _RWF_DSYNC is not None
+            and cls.pwritev is FileIO.pwritev
+            and cls.fdatasync is FileIO.fdatasync
+            and len(buffers) <= _IOV_MAX
+        ):
+            try:
+                n = os.pwritev(fd, buffers, offset, _RWF_DSYNC)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                _RWF_DSYNC = None  # not on this kernel or file system: fall back
+            else:
+                if n == sum(map(len, buffers)):
+                    return
+                buffers, offset = [b"".join(buffers)[n:]], offset + n  # rare: short write
+        self.pwritev(fd, buffers, offset)
+        self.fdatasync(fd)
+
     def zero_fill(self, fd: int, start: int, end: int) -> None:
         """Write zeros over [start, end)."""
-        while start < end:
-            n = os.pwrite(fd, memoryview(_ZEROS)[: min(end - start, len(_ZEROS))], start)
-            start += n
+        for pos in range(start, end, len(_ZEROS)):
+            self.pwritev(fd, [_ZEROS[: min(end - pos, len(_ZEROS))]], pos)
 
     def pread(self, fd: int, size: int, offset: int) -> bytes:
         """Read up to `size` bytes at `offset` (fewer only at end of file)."""

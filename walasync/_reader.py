@@ -36,8 +36,8 @@ class Record(NamedTuple):
 def _open_scan(io: FileIO, path: str, first_lsn: int, start: int) -> seg.Scan:
     fd = io.open_read(path)
     try:
-        seg.read_first_lsn(io, fd, path, first_lsn)
-        scan = seg.Scan(io, fd, path, fmt.SEGMENT_HEADER, first_lsn)
+        salt = seg.read_header(io, fd, path, first_lsn)
+        scan = seg.Scan(io, fd, path, salt, fmt.SEGMENT_HEADER, first_lsn)
         if start > first_lsn:
             scan.skip_to(start)
     except BaseException:
@@ -69,6 +69,8 @@ async def read_records(
             while start <= stop:
                 batches = await run(scan.batches, CHUNK)
                 for offset, head, payload in batches:
+                    if start > stop:
+                        break
                     try:
                         records = fmt.decode_records(head, payload)
                     except fmt.FormatError as exc:

@@ -13,6 +13,7 @@ segment (found when it is read).
 from __future__ import annotations
 
 import os
+import random
 import re
 
 from . import _format as fmt
@@ -24,13 +25,14 @@ __all__ = (
     "Scan",
     "install",
     "parse_name",
-    "read_first_lsn",
+    "read_header",
     "recover_tail",
     "segment_name",
 )
 
 SPARE_NAME = "spare.tmp"
-_NAME = re.compile(r"^(\d{20})\.wal$")
+_NAME = re.compile(r"([0-9]{20})\.wal")
+_salts = random.Random()
 _CHUNK = 1 << 20
 
 
@@ -41,28 +43,31 @@ def segment_name(first_lsn: int) -> str:
 
 def parse_name(name: str) -> int | None:
     """The first LSN a segment file name stands for, or None if it is not a segment's name."""
-    m = _NAME.match(name)
+    m = _NAME.fullmatch(name)
     return int(m.group(1)) if m else None
 
 
-def read_first_lsn(io: FileIO, fd: int, path: str, expected: int) -> None:
-    """Check a segment's header against the LSN its name promises.
+def read_header(io: FileIO, fd: int, path: str, expected: int) -> int:
+    """Check a segment's header against the LSN its name promises; return its salt.
 
     Raises:
         CorruptionError: the header is missing, damaged or disagrees with the name.
-        UnsupportedFormatError: the segment was written by a newer format version.
+        UnsupportedFormatError: the segment is of a format version this code cannot read.
     """
     buf = io.pread(fd, fmt.SEGMENT_HEADER, 0)
     try:
-        first = fmt.decode_segment_header(buf)
+        head = fmt.decode_segment_header(buf)
     except fmt.FormatError as exc:
         raise CorruptionError(path, 0, str(exc)) from None
     except ValueError as exc:
         raise UnsupportedFormatError(
-            path, 0, f"format version {exc.args[0]} is newer than {fmt.FORMAT_VERSION}"
+            path, 0, f"format version {exc.args[0]}; this walasync reads {fmt.FORMAT_VERSION}"
         ) from None
-    if first != expected:
-        raise CorruptionError(path, 0, f"header says first LSN {first}, name says {expected}")
+    if head.first_lsn != expected:
+        raise CorruptionError(
+            path, 0, f"header says first LSN {head.first_lsn}, name says {expected}"
+        )
+    return head.salt
 
 
 class Scan:
@@ -73,10 +78,13 @@ class Scan:
     or "invalid" (the bytes at `offset` are not the batch that must come next).
     """
 
-    def __init__(self, io: FileIO, fd: int, path: str, offset: int, next_lsn: int) -> None:
+    def __init__(
+        self, io: FileIO, fd: int, path: str, salt: int, offset: int, next_lsn: int
+    ) -> None:
         self.io = io
         self.fd = fd
         self.path = path
+        self.salt = salt
         self.offset = offset
         self.next_lsn = next_lsn
         self.end: str | None = None
@@ -110,7 +118,7 @@ class Scan:
                 buf = self.io.pread(self.fd, fmt.BATCH_HEADER + head.length, self.offset)
                 pos, stop = 0, fmt.BATCH_HEADER + head.length
             payload = buf[pos + fmt.BATCH_HEADER : stop]
-            if not fmt.check_batch(head, payload):
+            if not fmt.check_batch(head, payload, self.salt):
                 self.end = "invalid"
                 break
             out.append((self.offset, head, payload))
@@ -150,7 +158,7 @@ def _stop_reason(raw: bytes) -> str:
     return "invalid" if raw.strip(b"\0") else "zeros"
 
 
-def recover_tail(io: FileIO, fd: int, path: str, first_lsn: int) -> tuple[int, int]:
+def recover_tail(io: FileIO, fd: int, path: str, first_lsn: int, salt: int) -> tuple[int, int]:
     """Find the end of the last segment's valid data and zero a torn tail.
 
     Returns (end offset, next LSN). Everything from the end offset on is zeros once this
@@ -159,13 +167,13 @@ def recover_tail(io: FileIO, fd: int, path: str, first_lsn: int) -> tuple[int, i
     Raises:
         CorruptionError: a valid batch lies beyond invalid bytes (acknowledged data lost).
     """
-    scan = Scan(io, fd, path, fmt.SEGMENT_HEADER, first_lsn)
+    scan = Scan(io, fd, path, salt, fmt.SEGMENT_HEADER, first_lsn)
     while scan.end is None:
         scan.batches(8 * _CHUNK)
     end = scan.offset
     last_nonzero = _last_nonzero(io, fd, end, scan.file_size)
     if last_nonzero > end:
-        later = _valid_batch_after(io, fd, end, last_nonzero, scan.next_lsn)
+        later = _valid_batch_after(scan, end, last_nonzero)
         if later is not None:
             raise CorruptionError(
                 path,
@@ -193,45 +201,46 @@ def _last_nonzero(io: FileIO, fd: int, start: int, stop: int) -> int:
     return last
 
 
-def _valid_batch_after(io: FileIO, fd: int, start: int, stop: int, min_lsn: int) -> int | None:
-    """Offset of a valid batch with LSN >= `min_lsn` at an aligned offset in (start, stop)."""
+def _valid_batch_after(scan: Scan, start: int, stop: int) -> int | None:
+    """Offset of a valid batch of this segment, with an LSN at or past the one that must come
+    next, at an aligned offset in (start, stop)."""
     magic = fmt.BATCH_MAGIC.to_bytes(4, "little")
-    base = start + 8
-    pos = base
+    pos = start + 8
     while pos < stop:
-        chunk = io.pread(fd, min(_CHUNK, stop - pos) + 3, pos)
+        chunk = scan.io.pread(scan.fd, min(_CHUNK, stop - pos) + 3, pos)
         i = chunk.find(magic)
         while i != -1:
             at = pos + i
-            if at % 8 == 0 and at < stop and _is_batch_at(io, fd, at, min_lsn):
+            if at % 8 == 0 and at < stop and _is_batch_at(scan, at):
                 return at
             i = chunk.find(magic, i + 1)
         pos += _CHUNK
     return None
 
 
-def _is_batch_at(io: FileIO, fd: int, offset: int, min_lsn: int) -> bool:
-    head_bytes = io.pread(fd, fmt.BATCH_HEADER, offset)
+def _is_batch_at(scan: Scan, offset: int) -> bool:
+    head_bytes = scan.io.pread(scan.fd, fmt.BATCH_HEADER, offset)
     if len(head_bytes) < fmt.BATCH_HEADER:
         return False
     head = fmt.parse_batch_header(head_bytes)
-    if head is None or head.first_lsn < min_lsn:
+    if head is None or head.first_lsn < scan.next_lsn:
         return False
-    if offset + fmt.BATCH_HEADER + head.length > io.size(fd):
+    if offset + fmt.BATCH_HEADER + head.length > scan.file_size:
         return False
-    payload = io.pread(fd, head.length, offset + fmt.BATCH_HEADER)
-    return fmt.check_batch(head, payload)
+    payload = scan.io.pread(scan.fd, head.length, offset + fmt.BATCH_HEADER)
+    return fmt.check_batch(head, payload, scan.salt)
 
 
-def install(io: FileIO, fd: int, spare_path: str, directory: str, first_lsn: int) -> str:
-    """Turn a zero-filled spare file into the segment starting at `first_lsn`, durably.
+def install(io: FileIO, fd: int, spare_path: str, directory: str, first_lsn: int) -> int:
+    """Turn a zero-filled spare file into the segment starting at `first_lsn`, durably, and
+    return the new segment's salt.
 
     The header is fdatasync'd before the rename, and the directory is fsynced after it, so
     a segment that exists under its final name after a crash always has a valid header.
     """
-    io.pwritev(fd, [fmt.encode_segment_header(first_lsn)], 0)
+    salt = _salts.getrandbits(32)
+    io.pwritev(fd, [fmt.encode_segment_header(first_lsn, salt)], 0)
     io.fdatasync(fd)
-    path = os.path.join(directory, segment_name(first_lsn))
-    io.rename(spare_path, path)
+    io.rename(spare_path, os.path.join(directory, segment_name(first_lsn)))
     io.fsync_dir(directory)
-    return path
+    return salt

@@ -6,9 +6,10 @@ the order of submission. Invariants:
 - Segment files are named by their first LSN and never overlap; only the last is written.
 - A segment appears under its final name only after its header is durable, and the
   directory is fsynced before any record in it is acknowledged.
-- The next segment is zero-filled ahead of need on a second thread (as etcd keeps a spare
-  file ready), so a rotation costs a header write, a rename and two fsyncs, and writes into
-  a zero-filled file let fdatasync skip the metadata of a growing file.
+- The next segment is zero-filled ahead of need on a second thread, once the last segment is
+  half full (etcd keeps a spare file ready the same way), so a rotation costs a header write,
+  a rename and two fsyncs, and writes into a zero-filled file let fdatasync skip the
+  metadata of a growing file.
 """
 
 from __future__ import annotations
@@ -40,11 +41,13 @@ class Store:
         self._lock_fd = lock_fd
         self.segments: list[int] = []  # first LSN of each segment, ascending
         self.fd = -1
+        self.salt = 0  # of the last segment
         self.end = 0  # where the next batch goes in the last segment
         self.next_lsn = 1
         self._dirty = False  # written since the last fdatasync of the last segment
         self._spare_pool = ThreadPoolExecutor(1, thread_name_prefix="walasync-prealloc")
         self._spare: Future[int] | None = None
+        self._closing = False  # tells a spare being zero-filled to stop
 
     @classmethod
     def open(cls, io: FileIO, path: str, segment_size: int, fsync: bool = True) -> Store:
@@ -79,14 +82,12 @@ class Store:
         if not self.segments:
             self.fd = self._make_spare()
             self._install(1)
-            self._spare = self._spare_pool.submit(self._make_spare)
             return
         last = self.segments[-1]
         path = self.segment_path(last)
         self.fd = self.io.open(path)
-        seg.read_first_lsn(self.io, self.fd, path, last)
-        self.end, self.next_lsn = seg.recover_tail(self.io, self.fd, path, last)
-        self._spare = self._spare_pool.submit(self._make_spare)
+        self.salt = seg.read_header(self.io, self.fd, path, last)
+        self.end, self.next_lsn = seg.recover_tail(self.io, self.fd, path, last, self.salt)
 
     def segment_path(self, first_lsn: int) -> str:
         return os.path.join(self.path, seg.segment_name(first_lsn))
@@ -95,17 +96,20 @@ class Store:
         """Append one batch (rotating first if it does not fit), then fdatasync if `sync`."""
         if first_lsn != self.next_lsn:
             raise AssertionError(f"batch LSN {first_lsn} != expected {self.next_lsn}")
-        head, body = fmt.encode_batch(first_lsn, records)
+        head, body = fmt.encode_batch(first_lsn, records, self.salt)
         size = len(head) + len(body)
         if self.end + size > self.segment_size and self.end > fmt.SEGMENT_HEADER:
             self._rotate(first_lsn)
-        self.io.pwritev(self.fd, (head, body), self.end)
+            head, body = fmt.encode_batch(first_lsn, records, self.salt)  # the new salt
+        if sync:
+            self.io.write_durable(self.fd, (head, body), self.end)
+        else:
+            self.io.pwritev(self.fd, (head, body), self.end)
+            self._dirty = True
         self.end += size
         self.next_lsn += len(records)
-        self._dirty = True
-        if sync:
-            self.io.fdatasync(self.fd)
-            self._dirty = False
+        if self._spare is None and self.end > self.segment_size // 2:
+            self._spare = self._spare_pool.submit(self._make_spare)
 
     def sync(self) -> None:
         """fdatasync the last segment if anything was written since its last fdatasync."""
@@ -116,16 +120,15 @@ class Store:
     def _rotate(self, first_lsn: int) -> None:
         if self.fsync:
             self.sync()  # seal: the old segment is never written or synced again
-        assert self._spare is not None
-        spare_fd = self._spare.result()
-        self._spare = None
+        spare, self._spare = self._spare, None
+        spare_fd = spare.result() if spare is not None else self._make_spare()
         old_fd, self.fd = self.fd, spare_fd
         self.io.close(old_fd)
         self._install(first_lsn)
-        self._spare = self._spare_pool.submit(self._make_spare)
 
     def _install(self, first_lsn: int) -> None:
-        seg.install(self.io, self.fd, os.path.join(self.path, seg.SPARE_NAME), self.path, first_lsn)
+        spare = os.path.join(self.path, seg.SPARE_NAME)
+        self.salt = seg.install(self.io, self.fd, spare, self.path, first_lsn)
         if not self.segments or self.segments[-1] != first_lsn:
             self.segments.append(first_lsn)
         self.end = fmt.SEGMENT_HEADER
@@ -137,7 +140,11 @@ class Store:
         fd = self.io.open(os.path.join(self.path, seg.SPARE_NAME), create=True)
         try:
             self.io.truncate(fd, 0)
-            self.io.zero_fill(fd, 0, self.segment_size)
+            step = 8 << 20
+            for start in range(0, self.segment_size, step):
+                if self._closing:
+                    raise RuntimeError("the log was closed while its spare was being made")
+                self.io.zero_fill(fd, start, min(start + step, self.segment_size))
             self.io.fdatasync(fd)
         except BaseException:
             self.io.close(fd)
@@ -163,6 +170,7 @@ class Store:
                 self._lock_fd = -1
 
     def _drop_spare(self) -> None:
+        self._closing = True
         spare, self._spare = self._spare, None
         self._spare_pool.shutdown(wait=True)
         if spare is not None and spare.exception() is None:

@@ -188,6 +188,7 @@ class Wal:
     def __del__(self, _warn: Any = warnings.warn) -> None:
         if getattr(self, "_closer", 1) is None:
             _warn(f"unclosed {self!r}", ResourceWarning, source=self)
+            self._batcher.abandon()
             store = self._store
             self._worker.stop(lambda: store.close(False))
 

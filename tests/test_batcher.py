@@ -1,0 +1,292 @@
+"""Group commit: batching, backpressure, cancellation, failure and durability modes.
+
+`ControlledIO` holds the I/O thread's fdatasync at a gate, so a test can pile appends up
+behind a batch in flight and see exactly what the next batch holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from pathlib import Path
+
+import pytest
+from conftest import small
+from iofaults import ControlledIO
+
+import walasync
+from walasync import BrokenLogError, Durability
+
+
+async def wait_until_in_fdatasync(io: ControlledIO) -> None:
+    """Wait (off the loop: it is a threading.Event) until the I/O thread is held."""
+    assert await asyncio.to_thread(io.entered_fdatasync.wait, 10)
+
+
+async def hold(io: ControlledIO, wal: walasync.Wal) -> asyncio.Future[int]:
+    """Close the gate and put one append in flight, stuck in its fdatasync."""
+    io.gate.clear()
+    io.entered_fdatasync.clear()
+    first = asyncio.ensure_future(wal.append(b"first"))
+    await wait_until_in_fdatasync(io)
+    return first
+
+
+async def test_pending_appends_go_out_in_one_write_and_one_fdatasync(log_dir: Path) -> None:
+    io = ControlledIO()
+    async with walasync.open(log_dir, io=io) as wal:
+        first = await hold(io, wal)
+        writes, syncs = io.batch_writes, io.fdatasyncs
+        rest = [asyncio.ensure_future(wal.append(b"r%d" % i)) for i in range(500)]
+        await asyncio.sleep(0.01)
+        assert wal._batcher.pending == 500 and io.batch_writes == writes  # all waiting
+        io.gate.set()
+        assert await first == 1
+        assert sorted(await asyncio.gather(*rest)) == list(range(2, 502))
+        assert io.batch_writes == writes + 1  # the 500 went out together...
+        assert io.fdatasyncs == syncs + 2  # ...with one fdatasync, after the held one
+
+
+async def test_max_batch_bytes_splits_batches_without_splitting_units(log_dir: Path) -> None:
+    io = ControlledIO()
+    async with walasync.open(log_dir, io=io, max_batch_bytes=1000) as wal:
+        first = await hold(io, wal)
+        writes = io.batch_writes
+        tasks = [asyncio.ensure_future(wal.append(b"x" * 96)) for _ in range(30)]  # 100 B each
+        unit = asyncio.ensure_future(wal.append_many([b"y" * 96] * 15))
+        await asyncio.sleep(0.01)
+        io.gate.set()
+        await first
+        await asyncio.gather(*tasks)
+        assert await unit == range(32, 47)
+        assert io.batch_writes - writes == 4  # 10 + 10 + 10 singles, then the unit alone
+
+
+async def test_max_batch_delay_gathers_sequential_callers(log_dir: Path) -> None:
+    io = ControlledIO()
+    async with walasync.open(log_dir, io=io, max_batch_delay=0.05) as wal:
+        writes = io.batch_writes
+
+        async def staggered(i: int) -> int:
+            await asyncio.sleep(i * 0.002)
+            return await wal.append(b"%d" % i)
+
+        await asyncio.gather(*(staggered(i) for i in range(10)))
+        assert io.batch_writes - writes <= 2
+
+
+async def test_backpressure_bounds_queued_bytes(log_dir: Path) -> None:
+    io = ControlledIO()
+    limit = 20_000
+    async with walasync.open(log_dir, io=io, max_pending_bytes=limit) as wal:
+        first = await hold(io, wal)
+        batcher = wal._batcher
+        tasks = [asyncio.ensure_future(wal.append(b"%06d" % i * 100)) for i in range(5000)]
+        await asyncio.sleep(0.05)
+        assert batcher._pending_bytes + batcher._reserved <= limit
+        assert batcher._pending_bytes > limit // 2  # the queue did fill up
+        waiting = len(batcher._space_waiters)
+        assert waiting > 4000  # the rest wait, holding nothing in the log's memory
+        peak = 0
+
+        async def watch() -> None:
+            nonlocal peak
+            while not all(t.done() for t in tasks):
+                peak = max(peak, batcher._pending_bytes + batcher._reserved)
+                await asyncio.sleep(0)
+
+        watcher = asyncio.ensure_future(watch())
+        io.gate.set()
+        await first
+        lsns = await asyncio.gather(*tasks)
+        await watcher
+        assert peak <= limit
+        # Waiters were served first come, first served: LSNs follow call order.
+        assert lsns == sorted(lsns) and lsns == list(range(2, 5002))
+
+
+async def test_a_record_larger_than_the_queue_limit_still_goes_through(log_dir: Path) -> None:
+    async with walasync.open(log_dir, max_pending_bytes=1000) as wal:
+        lsns = await asyncio.gather(*(wal.append(b"z" * 5000) for _ in range(5)))
+        assert sorted(lsns) == [1, 2, 3, 4, 5]
+
+
+async def test_cancelled_appenders_do_not_disturb_others(log_dir: Path) -> None:
+    io = ControlledIO()
+    async with walasync.open(log_dir, io=io, max_pending_bytes=5_000, **small()) as wal:
+        first = await hold(io, wal)
+        tasks = [asyncio.ensure_future(wal.append(b"%05d" % i * 20)) for i in range(400)]
+        await asyncio.sleep(0.01)  # some queued, most waiting for space
+        cancelled = set(range(0, 400, 3))
+        for i in cancelled:
+            tasks[i].cancel()
+        io.gate.set()
+        await first
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        kept = {i: r for i, r in enumerate(results) if i not in cancelled}
+        assert all(isinstance(r, int) for r in kept.values())
+        assert all(isinstance(results[i], asyncio.CancelledError) for i in cancelled)
+        got = {r.lsn: r.data async for r in wal.read()}
+    # Every surviving append is there, byte-exact; LSNs are dense; a cancelled append's
+    # record may or may not have been written (it was queued or not), never half.
+    assert sorted(got) == list(range(1, len(got) + 1))
+    for i, lsn in kept.items():
+        assert got[lsn] == b"%05d" % i * 20
+    extra = set(got.values()) - {b"first"} - {b"%05d" % i * 20 for i in kept}
+    assert extra <= {b"%05d" % i * 20 for i in cancelled}
+    assert await_all_done(tasks)
+
+
+def await_all_done(tasks: list[asyncio.Future[int]]) -> bool:
+    return all(t.done() for t in tasks)
+
+
+async def test_random_cancellation_with_timeouts_keeps_the_log_consistent(
+    log_dir: Path,
+) -> None:
+    async with walasync.open(log_dir, max_pending_bytes=20_000, **small()) as wal:
+        acked: dict[int, bytes] = {}
+
+        async def appender(n: int) -> None:
+            for i in range(40):
+                data = b"%d:%d|" % (n, i) * 10
+                try:
+                    async with asyncio.timeout(0.0005 * ((n * 7 + i) % 5)):
+                        acked[await wal.append(data)] = data
+                except TimeoutError:
+                    pass
+
+        await asyncio.gather(*(appender(n) for n in range(50)))
+        got = {r.lsn: r.data async for r in wal.read()}
+    assert sorted(got) == list(range(1, len(got) + 1))
+    assert all(got[lsn] == data for lsn, data in acked.items())
+
+
+async def test_fdatasync_failure_breaks_the_log_for_good(log_dir: Path) -> None:
+    io = ControlledIO()
+    async with walasync.open(log_dir, io=io) as wal:
+        assert await wal.append(b"durable") == 1
+        first = await hold(io, wal)
+        queued = [asyncio.ensure_future(wal.append(b"q%d" % i)) for i in range(20)]
+        await asyncio.sleep(0.01)
+        io.fail_fdatasync = errno.EIO
+        io.gate.set()
+        with pytest.raises(BrokenLogError) as info:
+            await first
+        assert isinstance(info.value.__cause__, OSError)
+        assert info.value.__cause__.errno == errno.EIO
+        for t in queued:  # pending appends fail too: none claims durability
+            with pytest.raises(BrokenLogError):
+                await t
+        syncs = io.fdatasyncs
+        with pytest.raises(BrokenLogError):
+            await wal.append(b"later")
+        with pytest.raises(BrokenLogError):
+            await wal.append_many([b"later"])
+        with pytest.raises(BrokenLogError):
+            await wal.sync()
+        assert "broken" in repr(wal)
+    assert io.fdatasyncs == syncs  # never retried, not even by close
+    async with walasync.open(log_dir) as wal:
+        records = [r async for r in wal.read()]
+        assert records[0] == walasync.Record(1, b"durable")
+        assert await wal.append(b"again") == wal.last_lsn
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO])
+async def test_write_failure_fails_the_batch_with_broken_log(log_dir: Path, code: int) -> None:
+    io = ControlledIO()
+    async with walasync.open(log_dir, io=io) as wal:
+        await wal.append(b"ok")
+        io.fail_write = code
+        results = await asyncio.gather(
+            *(wal.append(b"%d" % i) for i in range(10)), return_exceptions=True
+        )
+        assert all(isinstance(r, BrokenLogError) for r in results)
+        assert results[0].__cause__.errno == code  # type: ignore[union-attr]
+    async with walasync.open(log_dir) as wal:
+        records = [r.data async for r in wal.read()]
+        assert records[0] == b"ok"
+
+
+async def test_close_waits_for_queued_appends(log_dir: Path) -> None:
+    io = ControlledIO()
+    wal = await walasync.open(log_dir, io=io, max_pending_bytes=2_000)
+    first = await hold(io, wal)
+    tasks = [asyncio.ensure_future(wal.append(b"%04d" % i * 10)) for i in range(300)]
+    await asyncio.sleep(0.01)
+    closing = asyncio.ensure_future(wal.close())
+    await asyncio.sleep(0.01)
+    with pytest.raises(walasync.ClosedError):
+        await wal.append(b"too late")
+    io.gate.set()
+    await closing
+    assert await first == 1
+    assert sorted(await asyncio.gather(*tasks)) == list(range(2, 302))
+    async with walasync.open(log_dir) as wal:
+        assert wal.last_lsn == 301
+
+
+async def test_close_is_shielded_from_cancellation(log_dir: Path) -> None:
+    io = ControlledIO()
+    wal = await walasync.open(log_dir, io=io)
+    first = await hold(io, wal)
+    closer = asyncio.ensure_future(wal.close())
+    await asyncio.sleep(0.01)
+    closer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closer
+    io.gate.set()
+    assert await first == 1  # the close went on: the append finished durably
+    await wal.close()
+    async with walasync.open(log_dir) as again:  # and the lock was released
+        assert again.last_lsn == 1
+
+
+async def test_interval_mode_acks_before_fdatasync_and_syncs_in_background(
+    log_dir: Path,
+) -> None:
+    io = ControlledIO()
+    opts = {"durability": Durability.INTERVAL, "sync_interval": 0.02}
+    async with walasync.open(log_dir, io=io, **opts) as wal:
+        syncs = io.fdatasyncs
+        lsns = [await wal.append(b"%d" % i) for i in range(50)]
+        assert lsns == list(range(1, 51))
+        assert io.fdatasyncs - syncs < 25  # not one per append
+        for _ in range(200):
+            if wal.synced_lsn == 50:
+                break
+            await asyncio.sleep(0.01)
+        assert wal.synced_lsn == 50
+        await wal.append(b"more")
+        await wal.sync()
+        assert wal.synced_lsn == 51
+
+
+async def test_none_mode_never_fdatasyncs_unless_asked(log_dir: Path) -> None:
+    io = ControlledIO()
+    async with walasync.open(log_dir, io=io, durability="none") as wal:
+        syncs = io.fdatasyncs
+        for i in range(100):
+            await wal.append(b"%d" % i)
+        await asyncio.sleep(0.05)
+        assert io.fdatasyncs == syncs and wal.synced_lsn == 0 and wal.last_lsn == 100
+        await wal.sync()
+        assert io.fdatasyncs == syncs + 1 and wal.synced_lsn == 100
+    async with walasync.open(log_dir) as wal:
+        assert wal.last_lsn == 100
+
+
+async def test_sync_in_fsync_mode_waits_for_queued_appends(log_dir: Path) -> None:
+    io = ControlledIO()
+    async with walasync.open(log_dir, io=io) as wal:
+        first = await hold(io, wal)
+        tasks = [asyncio.ensure_future(wal.append(b"x")) for _ in range(10)]
+        await asyncio.sleep(0)
+        syncer = asyncio.ensure_future(wal.sync())
+        await asyncio.sleep(0.01)
+        assert not syncer.done()
+        io.gate.set()
+        await syncer
+        assert wal.synced_lsn == 11 and all(t.done() for t in tasks)
+        await first

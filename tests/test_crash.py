@@ -1,0 +1,345 @@
+"""Crash torture: whatever `append` acknowledged survives a SIGKILL of the writing process.
+
+Each round starts `tests/_writer.py` on the same log (64 appender coroutines, 64 KiB
+segments, so batches are concurrent and rotations frequent), lets it run to a random
+moment (after some acknowledgements, a random delay that may fall in interpreter start-up
+or recovery, or just after the open), SIGKILLs it, reopens the log here and checks:
+
+- LSNs are dense from 1 to `last_lsn`, and nothing before the round changed (per-record
+  digests of everything verified in earlier rounds, acknowledged or not);
+- every acknowledged LSN of the round holds exactly the record the writer acknowledged;
+- every other record of the round belongs to a unit the writer had started to append and
+  not seen acknowledged, whole (`append_many` is all or nothing), at consecutive LSNs, and
+  each such unit appears at most once: no record that was never appended shows up.
+
+The writer announces each unit on stdout before appending it and acknowledges it after,
+so the pipe, which survives the kill, tells exactly what was attempted and acknowledged.
+
+A SIGKILL leaves the page cache alone, so this tests what the process crash can break:
+torn batches, half-done rotations, recovery of the tail, and acknowledging too early.
+
+Meanwhile reader coroutines in the writer read the log as it grows and check every
+record they get; a failure there kills the writer with a traceback, which fails the test.
+
+Environment: WALASYNC_TORTURE_ROUNDS (default 4) rounds per test,
+WALASYNC_TORTURE_SEED to replay a failure (the seed is in every failure message),
+WALASYNC_TORTURE_READERS (default 2) reader coroutines in the writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import random
+import signal
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import _writer as writer
+import pytest
+
+import walasync
+
+HERE = Path(__file__).resolve().parent
+WRITER = HERE / "_writer.py"
+ROOT = Path(walasync.__file__).resolve().parent.parent
+
+ROUNDS = int(os.environ.get("WALASYNC_TORTURE_ROUNDS", "4"))
+SEED = int(os.environ.get("WALASYNC_TORTURE_SEED") or random.SystemRandom().randrange(1 << 32))
+READERS = os.environ.get("WALASYNC_TORTURE_READERS", "2")  # in the writer, reading as it goes
+WAIT = 60.0  # seconds to wait for a writer's output before giving up on it
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment for a child Python that must import this checkout's walasync."""
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{path}" if path else str(ROOT)}
+
+
+def digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def describe(data: bytes) -> str:
+    """A record for a failure message: its length and what its header claims."""
+    head, sep, _ = data.partition(b"|")
+    return f"{len(data)} bytes, header {head.decode(errors='replace')!r}" + (
+        "" if sep else " (cut short)"
+    )
+
+
+@dataclass
+class Run:
+    """One writer process: what it announced and acknowledged before it was killed."""
+
+    run: int
+    start: int  # last_lsn of the log before this run
+    plan: tuple[str, float]
+    end: int = -1  # last_lsn of the log after this run
+    opened: tuple[int, int] | None = None
+    units: dict[tuple[int, int], int] = field(default_factory=dict)  # (writer, seq) -> k
+    acks: dict[int, tuple[int, int]] = field(default_factory=dict)  # LSN -> (writer, seq)
+    returncode: int | None = None
+    stderr: bytes = b""
+
+    def parse(self, line: bytes) -> None:
+        if not line.endswith(b"\n"):
+            return  # cannot happen (lines are written whole), but a cut line proves nothing
+        fields = line.split()
+        if fields[0] == b"open":
+            self.opened = (int(fields[1]), int(fields[2]))
+        elif fields[0] == b"+":
+            w, seq, k = map(int, fields[1:])
+            self.units[w, seq] = k
+        else:
+            lsn, w, seq = map(int, fields)
+            if lsn in self.acks:
+                raise AssertionError(f"LSN {lsn} acknowledged twice: {self.acks[lsn]}, {w, seq}")
+            self.acks[lsn] = (w, seq)
+
+
+async def run_writer(log_dir: Path, run: Run, loop_name: str, durability: str, *extra: str) -> None:
+    """Start the writer of `run`, SIGKILL it as its plan says, and collect its output."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(WRITER),
+        str(log_dir),
+        str(run.run),
+        "--loop",
+        loop_name,
+        "--durability",
+        durability,
+        *extra,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=subprocess_env(),
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    kind, amount = run.plan
+    opened = asyncio.Event()
+    enough_acks = asyncio.Event()
+
+    async def read_stdout() -> None:
+        assert proc.stdout is not None
+        try:
+            async for line in proc.stdout:
+                run.parse(line)
+                if run.opened is not None:
+                    opened.set()
+                if len(run.acks) >= amount:
+                    enough_acks.set()
+        finally:  # EOF (the writer is gone) or a bad line: stop waiting
+            opened.set()
+            enough_acks.set()
+
+    stdout = asyncio.ensure_future(read_stdout())
+    stderr = asyncio.ensure_future(proc.stderr.read())
+    try:
+        if kind == "acks":
+            await asyncio.wait_for(enough_acks.wait(), WAIT)
+        elif kind == "delay":
+            await asyncio.wait([stdout], timeout=amount)  # wakes early if the writer dies
+        else:  # "open": a short delay after the log is open
+            await asyncio.wait_for(opened.wait(), WAIT)
+            await asyncio.wait([stdout], timeout=amount)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        run.returncode = await proc.wait()
+        await asyncio.wait([stdout, stderr])
+    run.stderr = stderr.result()
+    stdout.result()
+
+
+def tile(stretches: list[tuple[bytes, ...]], units: list[tuple[bytes, ...]]) -> bool:
+    """Can every stretch be cut into whole units, each unit used at most once?
+
+    Records cut short inside their header (or empty) look alike, so this searches; units
+    with equal contents are interchangeable and tried once per position.
+    """
+    used = [False] * len(units)
+    nodes = 0
+
+    def go(i: int, pos: int) -> bool:
+        nonlocal nodes
+        nodes += 1
+        if nodes > 200_000:
+            raise AssertionError("tiling search exceeded its budget")
+        if i == len(stretches):
+            return True
+        stretch = stretches[i]
+        if pos == len(stretch):
+            return go(i + 1, 0)
+        tried = set()
+        for j, unit in enumerate(units):
+            if used[j] or unit in tried or stretch[pos : pos + len(unit)] != unit:
+                continue
+            tried.add(unit)
+            used[j] = True
+            if go(i, pos + len(unit)):
+                return True
+            used[j] = False
+        return False
+
+    return go(0, 0)
+
+
+class Checker:
+    """The state of one log across rounds: the digest of every record verified so far."""
+
+    def __init__(self, log_dir: Path, context: str) -> None:
+        self.log_dir = log_dir
+        self.context = context
+        self.digests: list[bytes] = []  # index i: the record with LSN i + 1
+        self.acknowledged = 0
+
+    def fail(self, message: str) -> None:
+        pytest.fail(f"[{self.context}] {message}", pytrace=False)
+
+    async def verify(self, run: Run) -> None:
+        """Reopen the log after `run` was killed and check everything (see module doc)."""
+        if run.returncode != -signal.SIGKILL or run.stderr:
+            self.fail(
+                f"run {run.run}: the writer exited with {run.returncode} instead of being "
+                f"killed, or wrote to stderr:\n{run.stderr.decode(errors='replace')}"
+            )
+        known = len(self.digests)
+        new: dict[int, bytes] = {}
+        lsn = 0
+        async with walasync.open(self.log_dir, segment_size=writer.SEGMENT_SIZE) as wal:
+            if wal.first_lsn != 1:
+                self.fail(f"first_lsn is {wal.first_lsn}, not 1")
+            last = wal.last_lsn
+            async for rec in wal.read():
+                lsn += 1
+                if rec.lsn != lsn:
+                    self.fail(f"read gave LSN {rec.lsn} where LSN {lsn} was due")
+                if lsn <= known:
+                    if digest(rec.data) != self.digests[lsn - 1]:
+                        self.fail(f"LSN {lsn}, verified in an earlier round, changed")
+                else:
+                    new[lsn] = rec.data
+        if lsn != last:
+            self.fail(f"read gave {lsn} records, but last_lsn is {last}")
+        if last < known:
+            self.fail(f"last_lsn went back from {known} to {last}: records lost")
+        run.end = last
+        self.check_run(run, new)
+        self.digests.extend(digest(new[n]) for n in range(known + 1, last + 1))
+        self.acknowledged += len(run.acks)
+        print(  # shown with -s: what each round covered
+            f"run {run.run} killed {run.plan}: +{last - known} records "
+            f"({len(run.acks)} acknowledged), log {last} records"
+        )
+
+    def check_run(self, run: Run, new: dict[int, bytes]) -> None:
+        """Check the records `run` added (`new`: LSN -> data) against what it announced."""
+        where = f"run {run.run} (LSNs {run.start + 1}..{run.end}, killed: {run.plan})"
+        if run.opened is not None and run.opened != (1, run.start):
+            self.fail(f"{where}: the writer opened the log at {run.opened}, not (1, {run.start})")
+        if new and run.opened is None:
+            self.fail(f"{where}: {len(new)} records appeared, but the writer never opened")
+        # Acknowledged records: present, exact, whole units at consecutive LSNs, in order.
+        lsn_of = {ws: lsn for lsn, ws in run.acks.items()}
+        for lsn, (w, seq) in sorted(run.acks.items()):
+            if lsn not in new:
+                self.fail(f"{where}: acknowledged LSN {lsn} (writer {w} seq {seq}) is missing")
+            if new[lsn] != writer.record(run.run, w, seq):
+                self.fail(
+                    f"{where}: LSN {lsn} holds {describe(new[lsn])}, but writer {w} seq {seq} "
+                    "was acknowledged there"
+                )
+        in_flight: list[tuple[int, int, int]] = []
+        per_writer: dict[int, list[tuple[int, int]]] = defaultdict(list)
+        covered: set[tuple[int, int]] = set()
+        for (w, seq), k in run.units.items():
+            if k != writer.unit_length(run.run, w, seq):
+                self.fail(f"{where}: writer {w} seq {seq} announced {k} records")
+            acked = [lsn_of.get((w, s)) for s in range(seq, seq + k)]
+            first = acked[0]
+            if first is None and acked.count(None) == k:
+                in_flight.append((w, seq, k))
+            elif first is None or acked != list(range(first, first + k)):
+                self.fail(f"{where}: unit writer {w} seq {seq} acknowledged at LSNs {acked}")
+            else:
+                per_writer[w].append((seq, first))
+                covered.update((w, s) for s in range(seq, seq + k))
+        if stray := set(lsn_of) - covered:
+            self.fail(f"{where}: acknowledged (writer, seq) never announced: {sorted(stray)}")
+        for w, units in per_writer.items():
+            lsns = [lsn for _, lsn in sorted(units)]
+            if lsns != sorted(lsns):
+                self.fail(f"{where}: writer {w}'s sequential appends got LSNs out of order")
+        writers = [w for w, _, _ in in_flight]
+        if len(writers) != len(set(writers)):
+            self.fail(f"{where}: a writer had two units in flight: {sorted(in_flight)}")
+        # Every other record: whole in-flight units, each at most once.
+        unacked = sorted(set(new) - set(run.acks))
+        stretches: list[list[int]] = []
+        for lsn in unacked:
+            if stretches and stretches[-1][-1] == lsn - 1:
+                stretches[-1].append(lsn)
+            else:
+                stretches.append([lsn])
+        units = [
+            tuple(writer.record(run.run, w, s) for s in range(seq, seq + k))
+            for w, seq, k in in_flight
+        ]
+        contents = [tuple(new[lsn] for lsn in stretch) for stretch in stretches]
+        if not tile(contents, units):
+            shown = "\n".join(
+                f"  LSN {lsn}: {describe(new[lsn])}" for stretch in stretches for lsn in stretch
+            )
+            flying = ", ".join(f"w{w} seq {seq}+{k}" for w, seq, k in sorted(in_flight))
+            self.fail(
+                f"{where}: unacknowledged records that are not whole, distinct units the "
+                f"writer was appending:\n{shown}\nunits in flight: {flying}"
+            )
+
+
+def kill_plan(rng: random.Random, round_no: int) -> tuple[str, float]:
+    """When to kill the writer: ("acks", n), ("delay", s) from start or ("open", s) after."""
+    if round_no == 0:
+        return ("acks", 300)
+    r = rng.random()
+    if r < 0.5:
+        return ("acks", rng.randint(1, 3000))
+    if r < 0.8:
+        return ("delay", round(rng.uniform(0.0, 0.4), 3))  # may hit start-up or recovery
+    return ("open", round(rng.uniform(0.0, 0.02), 4))  # the first batches and rotations
+
+
+@pytest.mark.timeout(max(120, 20 * ROUNDS))
+@pytest.mark.parametrize(
+    ("writer_loop", "durability"),
+    [("asyncio", "fsync"), ("uvloop", "fsync"), ("asyncio", "none"), ("uvloop", "interval")],
+)
+async def test_acknowledged_records_survive_sigkill(
+    log_dir: Path, writer_loop: str, durability: str
+) -> None:
+    test_loop = type(asyncio.get_running_loop()).__module__.partition(".")[0]
+    rng = random.Random(f"{SEED}/{writer_loop}/{durability}/{test_loop}")
+    context = f"WALASYNC_TORTURE_SEED={SEED} writer on {writer_loop}, durability={durability}"
+    checker = Checker(log_dir, context)
+    run_ids = rng.sample(range(1, 1_000_000), ROUNDS)
+    for round_no, run_id in enumerate(run_ids):
+        run = Run(run_id, start=len(checker.digests), plan=kill_plan(rng, round_no))
+        checker.context = f"{context}, round {round_no + 1}/{ROUNDS}"
+        await run_writer(log_dir, run, writer_loop, durability, "--readers", READERS)
+        await checker.verify(run)
+    assert checker.acknowledged >= 300  # the first round alone acknowledged that many
+
+
+async def test_read_stops_at_end_across_batches(log_dir: Path) -> None:
+    """The readers in `_writer.py` found this: `read` must not run past `end` (or past
+    `last_lsn`) when one chunk of the file holds several batches after it."""
+    async with walasync.open(log_dir) as wal:
+        await wal.append(b"a")
+        await wal.append(b"b")
+        await wal.append_many([b"c", b"d", b"e"])  # three batches: [1], [2], [3, 4, 5]
+        assert [tuple(r) async for r in wal.read(end=1)] == [(1, b"a")]
+        assert [r.lsn async for r in wal.read(start=1, end=3)] == [1, 2, 3]

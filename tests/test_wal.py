@@ -1,0 +1,249 @@
+"""The public API of `Wal`: open, append, append_many, read, sync, close, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import segment_files, small
+
+import walasync
+from walasync import ClosedError, Record, RecordTooLargeError, WalError, WrongLoopError
+
+
+async def test_open_creates_nested_directory_and_starts_empty(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "log"
+    async with walasync.open(path) as wal:
+        assert (wal.first_lsn, wal.last_lsn, wal.synced_lsn) == (1, 0, 0)
+        assert wal.path == str(path)
+        assert [r async for r in wal.read()] == []
+    assert [p.name for p in segment_files(path)] == ["00000000000000000001.wal"]
+
+
+async def test_open_is_awaitable_and_close_is_idempotent(log_dir: Path) -> None:
+    wal = await walasync.open(log_dir)
+    assert await wal.append(b"x") == 1
+    await wal.close()
+    await wal.close()
+    await asyncio.gather(wal.close(), wal.close())
+    assert wal.closed
+
+
+async def test_append_returns_dense_lsns_and_read_returns_them(log_dir: Path) -> None:
+    async with walasync.open(log_dir) as wal:
+        lsns = [await wal.append(b"record %d" % i) for i in range(10)]
+        assert lsns == list(range(1, 11))
+        assert wal.last_lsn == wal.synced_lsn == 10
+        records = [r async for r in wal.read()]
+    assert records == [Record(i, b"record %d" % (i - 1)) for i in range(1, 11)]
+
+
+async def test_concurrent_appends_get_distinct_dense_lsns_in_file_order(log_dir: Path) -> None:
+    async with walasync.open(log_dir, **small()) as wal:
+        datas = [b"%05d" % i * (i % 7) for i in range(2000)]
+        lsns = await asyncio.gather(*(wal.append(d) for d in datas))
+        assert sorted(lsns) == list(range(1, 2001))
+        by_lsn = {r.lsn: r.data async for r in wal.read()}
+    assert {lsn: by_lsn[lsn] for lsn in lsns} == dict(zip(lsns, datas, strict=True))
+
+
+async def test_bytes_like_records_are_copied(log_dir: Path) -> None:
+    buf = bytearray(b"abc")
+    async with walasync.open(log_dir) as wal:
+        task = asyncio.ensure_future(wal.append(buf))
+        await asyncio.sleep(0)  # the append has started: it holds its own copy
+        buf[:] = b"xyz"  # so mutating the buffer now does not change what is logged
+        await task
+        await wal.append(memoryview(b"0123456789")[2:5])
+        await wal.append(memoryview(bytearray(b"\x01\x00\x00\x00")).cast("I"))
+        await wal.append(b"")
+        got = [r.data async for r in wal.read()]
+    assert got == [b"abc", b"234", b"\x01\x00\x00\x00", b""]
+    assert all(type(d) is bytes for d in got)
+
+
+@pytest.mark.parametrize("bad", ["text", 12, None, [b"a"], object()])
+async def test_non_bytes_record_is_a_type_error_and_loses_nothing(
+    log_dir: Path, bad: object
+) -> None:
+    async with walasync.open(log_dir) as wal:
+        await wal.append(b"kept")
+        with pytest.raises(TypeError, match="bytes"):
+            await wal.append(bad)  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            await wal.append_many([b"ok", bad])  # type: ignore[list-item]
+        assert await wal.append(b"after") == 2
+    async with walasync.open(log_dir) as wal:
+        assert [r.data async for r in wal.read()] == [b"kept", b"after"]
+
+
+async def test_record_too_large(log_dir: Path) -> None:
+    async with walasync.open(log_dir, max_record_size=100) as wal:
+        assert await wal.append(b"x" * 100) == 1
+        with pytest.raises(RecordTooLargeError, match="max_record_size"):
+            await wal.append(b"x" * 101)
+        with pytest.raises(RecordTooLargeError):
+            await wal.append_many([b"x" * 60, b"y" * 60])
+        assert isinstance(RecordTooLargeError("x"), ValueError)
+        assert await wal.append(b"ok") == 2
+        assert [r.data async for r in wal.read()] == [b"x" * 100, b"ok"]
+
+
+async def test_records_larger_than_a_segment(log_dir: Path) -> None:
+    big = [bytes([i]) * (10_000 + i) for i in range(5)]
+    async with walasync.open(log_dir, **small()) as wal:
+        for b in big:
+            await wal.append(b)
+            await wal.append(b"small")
+    async with walasync.open(log_dir, **small()) as wal:
+        got = [r.data async for r in wal.read()]
+    assert got == [x for b in big for x in (b, b"small")]
+
+
+async def test_append_many_returns_a_range_and_keeps_order(log_dir: Path) -> None:
+    async with walasync.open(log_dir) as wal:
+        assert await wal.append(b"a") == 1
+        r = await wal.append_many([b"b", bytearray(b"c"), b"d"])
+        assert r == range(2, 5)
+        assert await wal.append_many([]) == range(5, 5)
+        assert await wal.append(b"e") == 5
+        assert [x.data async for x in wal.read()] == [b"a", b"b", b"c", b"d", b"e"]
+
+
+async def test_append_many_is_one_batch_even_when_larger_than_max_batch_bytes(
+    log_dir: Path,
+) -> None:
+    records = [b"%04d" % i * 25 for i in range(100)]  # 10 KB over a 1 KB batch limit
+    async with walasync.open(log_dir, max_batch_bytes=1024, **small()) as wal:
+        r = await wal.append_many(records)
+        assert len(r) == 100
+    # One batch means one frame: the segment holding it has exactly one batch header.
+    seg = segment_files(log_dir)[0].read_bytes()
+    from walasync import _format as fmt
+
+    head = fmt.parse_batch_header(seg, fmt.SEGMENT_HEADER)
+    assert head is not None and head.nrecords == 100
+
+
+async def test_read_ranges_and_read_your_writes(log_dir: Path) -> None:
+    async with walasync.open(log_dir, **small()) as wal:
+        for i in range(1, 301):
+            lsn = await wal.append(b"%d" % i * 10)
+            if i % 37 == 0:  # read-your-writes: the record is visible at once
+                assert [r async for r in wal.read(start=lsn)] == [Record(lsn, b"%d" % i * 10)]
+        assert [r.lsn async for r in wal.read(start=100, end=105)] == list(range(100, 106))
+        assert [r.lsn async for r in wal.read(start=299, end=10_000)] == [299, 300]
+        assert [r async for r in wal.read(start=301)] == []
+        assert [r async for r in wal.read(start=50, end=49)] == []
+        with pytest.raises(ValueError, match="start"):
+            wal.read(start=0)
+
+
+async def test_read_sees_a_snapshot_while_appends_continue(log_dir: Path) -> None:
+    async with walasync.open(log_dir, **small()) as wal:
+        await asyncio.gather(*(wal.append(b"%d" % i) for i in range(200)))
+        reader = wal.read()
+        more = asyncio.gather(*(wal.append(b"late") for _ in range(200)))
+        seen = [r.lsn async for r in reader]
+        await more
+        assert seen == list(range(1, 201))
+
+
+async def test_many_segments_reopen_append_read_cycles(log_dir: Path) -> None:
+    expected: list[bytes] = []
+    for cycle in range(5):
+        async with walasync.open(log_dir, **small()) as wal:
+            assert wal.last_lsn == len(expected)
+            batch = [b"c%d-%d-" % (cycle, i) * 20 for i in range(120)]
+            await asyncio.gather(*(wal.append(b) for b in batch[:60]))
+            await wal.append_many(batch[60:])
+            expected_now = [r.data async for r in wal.read()]
+        assert expected_now[: len(expected)] == expected
+        assert sorted(expected_now[len(expected) :]) == sorted(batch)
+        expected = expected_now
+    assert len(segment_files(log_dir)) > 5
+
+
+async def test_use_after_close_raises_closed_error(log_dir: Path) -> None:
+    wal = await walasync.open(log_dir)
+    await wal.close()
+    with pytest.raises(ClosedError):
+        await wal.append(b"x")
+    with pytest.raises(ClosedError):
+        await wal.append_many([b"x"])
+    with pytest.raises(ClosedError):
+        await wal.append_many([])
+    with pytest.raises(ClosedError):
+        wal.read()
+    with pytest.raises(ClosedError):
+        await wal.sync()
+    assert "closed" in repr(wal)
+
+
+async def test_path_that_is_a_file_is_a_wal_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_bytes(b"not a directory")
+    with pytest.raises(WalError, match="opening") as info:
+        await walasync.open(tmp_path / "file")
+    assert isinstance(info.value.__cause__, OSError)
+
+
+async def test_bad_options_are_rejected(log_dir: Path) -> None:
+    for bad in (
+        {"segment_size": 100},
+        {"max_batch_bytes": 0},
+        {"max_pending_bytes": -1},
+        {"max_batch_delay": -1.0},
+        {"sync_interval": 0},
+        {"durability": "sometimes"},
+        {"segment_size": "big"},
+    ):
+        with pytest.raises(ValueError):
+            walasync.open(log_dir, **bad)
+    with pytest.raises(TypeError):
+        walasync.open(log_dir, no_such_option=1)
+
+
+async def test_use_from_another_event_loop_is_a_typed_error(log_dir: Path) -> None:
+    async with walasync.open(log_dir) as wal:
+        await wal.append(b"a")
+        errors: list[BaseException] = []
+
+        def other_thread() -> None:
+            try:
+                asyncio.run(wal.append(b"b"))
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        await asyncio.to_thread(thread.join)
+        assert len(errors) == 1 and isinstance(errors[0], WrongLoopError)
+        assert await wal.append(b"c") == 2
+
+
+async def test_unclosed_log_warns_and_releases_its_lock(log_dir: Path) -> None:
+    wal = await walasync.open(log_dir)
+    await wal.append(b"x")
+    with pytest.warns(ResourceWarning, match="unclosed"):
+        del wal
+        gc.collect()
+    await asyncio.sleep(0.05)  # the I/O thread closes the files after the warning
+    for _ in range(100):
+        try:
+            async with walasync.open(log_dir) as again:
+                assert again.last_lsn == 1
+            break
+        except walasync.LockedError:
+            await asyncio.sleep(0.02)
+    else:
+        pytest.fail("the lock of an unclosed, collected log was never released")
+
+
+async def test_repr_shows_state(log_dir: Path) -> None:
+    async with walasync.open(log_dir) as wal:
+        await wal.append(b"x")
+        text = repr(wal)
+        assert "open" in text and "last_lsn=1" in text and "durability=fsync" in text
