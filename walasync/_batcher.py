@@ -48,18 +48,17 @@ class Batcher:
         self._max_batch = options.max_batch_bytes
         self._max_pending = options.max_pending_bytes
         self._delay = options.max_batch_delay
-        # The pending queue: one entry per unit in the last three lists.
+        # The pending queue, two parallel lists: a unit's future stands at its first record,
+        # with None at the unit's other records.
         self._records: list[bytes] = []
-        self._futures: list[asyncio.Future[int]] = []
-        self._counts: list[int] = []
-        self._sizes: list[int] = []
-        self._pending_bytes = 0
-        self._pending_records = 0
+        self._futures: list[asyncio.Future[int] | None] = []
+        self._pending_bytes = 0  # record bytes plus their length-table entries
         self._reserved = 0  # bytes granted to appenders that left the space queue
         self._space_waiters: deque[tuple[asyncio.Future[None], int]] = deque()
         self._sync_waiters: list[tuple[int, asyncio.Future[None]]] = []
-        self._batch: tuple[int, list[asyncio.Future[int]], list[int]] | None = None  # in flight
-        self._timer: asyncio.Handle | None = None  # a batch waiting out max_batch_delay
+        self._batch: tuple[int, list[asyncio.Future[int] | None]] | None = None  # in flight
+        self._timer: asyncio.Handle | None = None  # the next batch, scheduled
+        self._idle = True  # no batch in flight or scheduled
         self._drained: asyncio.Future[None] | None = None  # set once closed and drained
         self.next_lsn = store.next_lsn  # LSN of the next batch
         self.acked_lsn = self.next_lsn - 1  # highest LSN acknowledged to an appender
@@ -67,6 +66,7 @@ class Batcher:
         self.in_flight = 0  # records in the batch being written
         self.failure: BaseException | None = None
         self.closing = False
+        self._refusing = False  # failure or closing: the fast path checks this one flag
         self._ticker: asyncio.Task[None] | None = None
         if options.durability is Durability.INTERVAL:
             self._ticker = self._loop.create_task(
@@ -76,25 +76,49 @@ class Batcher:
     @property
     def pending(self) -> int:
         """Records queued and not yet taken into a batch."""
-        return self._pending_records
+        return len(self._records)
 
-    def put(self, records: bytes | list[bytes], count: int, nbytes: int) -> Awaitable[int]:
-        """Queue a unit; the awaitable gives the LSN of its first record once acknowledged.
+    def put(self, data: bytes) -> Awaitable[int]:
+        """Queue one record; the awaitable gives its LSN once acknowledged.
 
         Raises:
             RecordTooLargeError, ClosedError, BrokenLogError, WrongLoopError.
         """
-        if self.failure is not None or self.closing or asyncio.get_running_loop() is not self._loop:
+        if self._refusing or asyncio.get_running_loop() is not self._loop:
             self.check()
+        size = len(data)
+        if size > self._max_record:
+            raise self._too_large(size)
+        size += _RECORD_OVERHEAD
+        if self._must_wait(size):
+            return self._put_when_room(data, size)
+        fut = self._loop.create_future()
+        self._records.append(data)
+        self._futures.append(fut)
+        self._pending_bytes += size
+        if self._idle:
+            self._start()
+        return fut
+
+    def put_many(self, records: list[bytes]) -> Awaitable[int]:
+        """Queue records as one unit (never split across batches); the awaitable gives the LSN
+        of the first once all are acknowledged."""
+        self.check()
+        nbytes = sum(map(len, records))
         if nbytes > self._max_record:
-            raise RecordTooLargeError(
-                f"{nbytes} bytes is over max_record_size ({self._max_record})"
-            )
-        size = nbytes + _RECORD_OVERHEAD * count
+            raise self._too_large(nbytes)
+        size = nbytes + _RECORD_OVERHEAD * len(records)
+        if self._must_wait(size):
+            return self._put_when_room(records, size)
+        return self._enqueue(records, size)
+
+    def _must_wait(self, size: int) -> bool:
+        """Whether a unit of `size` bytes must wait for room (an empty queue takes any unit)."""
         used = self._pending_bytes + self._reserved
-        if self._space_waiters or (used and used + size > self._max_pending):
-            return self._put_when_room(records, count, size)
-        return self._enqueue(records, count, size)
+        return (used + size > self._max_pending and used > 0) or bool(self._space_waiters)
+
+    def _too_large(self, nbytes: int) -> RecordTooLargeError:
+        return RecordTooLargeError(f"{nbytes} bytes is over max_record_size ({self._max_record})")
 
     def check(self) -> None:
         """Raise if the log cannot take appends now, or not from this event loop."""
@@ -105,22 +129,22 @@ class Batcher:
         if asyncio.get_running_loop() is not self._loop:
             raise WrongLoopError("a Wal must be used from the event loop that opened it")
 
-    def _enqueue(self, records: bytes | list[bytes], count: int, size: int) -> asyncio.Future[int]:
+    def _enqueue(self, records: bytes | list[bytes], size: int) -> asyncio.Future[int]:
         fut: asyncio.Future[int] = self._loop.create_future()
         if isinstance(records, bytes):
             self._records.append(records)
+            self._futures.append(fut)
         else:
-            self._records.extend(records)
-        self._futures.append(fut)
-        self._counts.append(count)
-        self._sizes.append(size)
+            self._records += records
+            self._futures.append(fut)
+            self._futures += [None] * (len(records) - 1)
         self._pending_bytes += size
-        self._pending_records += count
-        if self._batch is None and self._timer is None:
+        if self._idle:
             self._start()
         return fut
 
-    async def _put_when_room(self, records: bytes | list[bytes], count: int, size: int) -> int:
+    async def _put_when_room(self, records: bytes | list[bytes], size: int) -> int:
+        """Wait in line (FIFO) until the queue has room for `size` bytes, then queue."""
         granted: asyncio.Future[None] = self._loop.create_future()
         self._space_waiters.append((granted, size))
         try:
@@ -133,7 +157,7 @@ class Batcher:
         self._reserved -= size
         if self.failure is not None:
             raise self.broken()
-        return await self._enqueue(records, count, size)
+        return await self._enqueue(records, size)
 
     def _grant_space(self) -> None:
         """Let waiting appenders in, first come first served, while there is room."""
@@ -150,33 +174,34 @@ class Batcher:
             self._reserved += size
             granted.set_result(None)
 
-    def _take(self) -> tuple[list[bytes], list[asyncio.Future[int]], list[int]]:
-        """Remove the next batch's units from the queue."""
+    def _take(self) -> tuple[list[bytes], list[asyncio.Future[int] | None]]:
+        """Remove the next batch from the queue: everything, or as many whole units as fit
+        in `max_batch_bytes` (at least one)."""
+        records, futures = self._records, self._futures
         if self._pending_bytes <= self._max_batch:
-            records, futures, counts = self._records, self._futures, self._counts
-            self._records, self._futures, self._counts, self._sizes = [], [], [], []
+            self._records, self._futures = [], []
             self._pending_bytes = 0
-            self._pending_records = 0
         else:
-            total = units = nrecords = 0
-            for size, count in zip(self._sizes, self._counts, strict=True):
-                if units and total + size > self._max_batch:
+            total = cut = 0
+            while cut < len(records):
+                end = cut + 1
+                while end < len(futures) and futures[end] is None:
+                    end += 1
+                size = sum(map(len, records[cut:end])) + _RECORD_OVERHEAD * (end - cut)
+                if cut and total + size > self._max_batch:
                     break
                 total += size
-                units += 1
-                nrecords += count
-            records, self._records = self._records[:nrecords], self._records[nrecords:]
-            futures, self._futures = self._futures[:units], self._futures[units:]
-            counts, self._counts = self._counts[:units], self._counts[units:]
-            del self._sizes[:units]
+                cut = end
+            records, self._records = records[:cut], records[cut:]
+            futures, self._futures = futures[:cut], futures[cut:]
             self._pending_bytes -= total
-            self._pending_records -= nrecords
         if self._space_waiters:
             self._grant_space()
-        return records, futures, counts
+        return records, futures
 
     def _start(self) -> None:
         """Send the next batch soon, or after `max_batch_delay` if one is set."""
+        self._idle = False
         if self._delay and self._pending_bytes < self._max_batch and not self.closing:
             self._timer = self._loop.call_later(self._delay, self._send)
         else:
@@ -186,13 +211,14 @@ class Batcher:
 
     def _send(self) -> None:
         self._timer = None
-        if self.failure is not None or not self._futures:
+        if self.failure is not None or not self._records:
+            self._idle = True
             return
-        records, futures, counts = self._take()
+        records, futures = self._take()
         first = self.next_lsn
         self.next_lsn = first + len(records)
         self.in_flight = len(records)
-        self._batch = (first, futures, counts)
+        self._batch = (first, futures)
         self._worker.submit(
             self._loop, self._store.write_batch, (first, records, self._fsync), self._sent
         )
@@ -200,7 +226,7 @@ class Batcher:
     def _sent(self, _: object, exc: BaseException | None) -> None:
         """On the loop, once the I/O thread has written (and made durable) the batch."""
         assert self._batch is not None
-        first, futures, counts = self._batch
+        first, futures = self._batch
         self._batch = None
         self.in_flight = 0
         if exc is None and self.failure is not None:  # the log broke while this was in flight
@@ -211,21 +237,15 @@ class Batcher:
             self.acked_lsn = self.next_lsn - 1
             if self._fsync:
                 self.synced_lsn = self.acked_lsn
-            if len(futures) == self.acked_lsn - first + 1:  # all single records
-                for lsn, fut in enumerate(futures, first):
-                    if not fut.done():
-                        fut.set_result(lsn)
-            else:
-                lsn = first
-                for fut, count in zip(futures, counts, strict=True):
-                    if not fut.done():
-                        fut.set_result(lsn)
-                    lsn += count
+            for lsn, fut in enumerate(futures, first):
+                if fut is not None and not fut.done():
+                    fut.set_result(lsn)
             if self._sync_waiters:
                 self._wake_syncers()
-            if self._futures:
+            if self._records:
                 self._start()
                 return
+        self._idle = True
         self._check_drained()
 
     def _check_drained(self) -> None:
@@ -244,7 +264,7 @@ class Batcher:
         """Wait until everything queued so far is acknowledged and fdatasync'd."""
         if self.failure is not None:
             raise self.broken()
-        target = self.next_lsn - 1 + self._pending_records
+        target = self.next_lsn - 1 + len(self._records)
         if self.acked_lsn < target:
             done: asyncio.Future[None] = self._loop.create_future()
             self._sync_waiters.append((target, done))
@@ -284,11 +304,12 @@ class Batcher:
         err.__cause__ = self.failure
         return err
 
-    def _fail(self, exc: BaseException, batch: list[asyncio.Future[int]]) -> None:
+    def _fail(self, exc: BaseException, batch: list[asyncio.Future[int] | None]) -> None:
         """Fail the log for good: this batch, everything queued and every waiter."""
         if self.failure is None:
             self.failure = exc
-        waiting: list[asyncio.Future[int]] | list[asyncio.Future[None]]
+        self._refusing = True
+        waiting: list[asyncio.Future[int] | None] | list[asyncio.Future[None]]
         for waiting in (
             batch,
             self._futures,
@@ -296,20 +317,21 @@ class Batcher:
             [d for _, d in self._sync_waiters],
         ):
             for fut in waiting:
-                if not fut.done():
+                if fut is not None and not fut.done():
                     fut.set_exception(self.broken())
-        self._records, self._futures, self._counts, self._sizes = [], [], [], []
-        self._pending_bytes = self._pending_records = 0
+        self._records, self._futures = [], []
+        self._pending_bytes = 0
         self._space_waiters.clear()
         self._sync_waiters = []
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+            self._idle = True
         self._check_drained()
 
     async def close(self) -> None:
         """Stop taking appends, write out everything queued, and fdatasync in INTERVAL mode."""
-        self.closing = True
+        self.closing = self._refusing = True
         self._drained = self._loop.create_future()
         if self._timer is not None:  # no more waiting for company
             self._timer.cancel()
@@ -336,6 +358,6 @@ class Batcher:
     def __repr__(self) -> str:
         state = "broken" if self.failure else "closing" if self.closing else "open"
         return (
-            f"<Batcher {state} pending={self._pending_records} in_flight={self.in_flight} "
+            f"<Batcher {state} pending={len(self._records)} in_flight={self.in_flight} "
             f"acked={self.acked_lsn} synced={self.synced_lsn}>"
         )

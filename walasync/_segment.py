@@ -34,6 +34,7 @@ SPARE_NAME = "spare.tmp"
 _NAME = re.compile(r"([0-9]{20})\.wal")
 _salts = random.Random()
 _CHUNK = 1 << 20
+_ZEROS = bytes(_CHUNK)
 
 
 def segment_name(first_lsn: int) -> str:
@@ -194,9 +195,8 @@ def _last_nonzero(io: FileIO, fd: int, start: int, stop: int) -> int:
         chunk = io.pread(fd, min(_CHUNK, stop - pos), pos)
         if not chunk:
             break
-        stripped = chunk.rstrip(b"\0")
-        if stripped:
-            last = pos + len(stripped)
+        if chunk != (_ZEROS if len(chunk) == _CHUNK else bytes(len(chunk))):  # memcmp: fast
+            last = pos + len(chunk.rstrip(b"\0"))
         pos += len(chunk)
     return last
 

@@ -100,7 +100,7 @@ class Wal:
         """
         if type(data) is not bytes:
             data = _as_bytes(data)
-        return await self._batcher.put(data, 1, len(data))
+        return await self._batcher.put(data)
 
     async def append_many(self, records: Iterable[Buffer]) -> range:
         """Append records as one atomic unit: after a crash, all of them are there or none.
@@ -113,7 +113,7 @@ class Wal:
             self._batcher.check()
             nxt = self._batcher.next_lsn + self._batcher.pending
             return range(nxt, nxt)
-        first = await self._batcher.put(datas, len(datas), sum(map(len, datas)))
+        first = await self._batcher.put_many(datas)
         return range(first, first + len(datas))
 
     def read(self, start: int | None = None, end: int | None = None) -> AsyncIterator[Record]:
