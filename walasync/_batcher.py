@@ -1,11 +1,12 @@
 """Group commit: every pending append goes out in one write plus one fdatasync.
 
 Theory of operation. `put` queues a unit (one record, or the records of one
-`append_many`) and hands back a future. When no batch is in flight, the queue is taken at
-once (up to `max_batch_bytes`, never splitting a unit): the LSNs are assigned and the I/O
-thread writes the batch and makes it durable, while the next batch accumulates. When the
-I/O thread reports back (a callback on the loop: no task, no extra wake-up), the batch's
-futures are resolved with their first LSNs, in order, and the next batch goes out.
+`append_many`) and hands back a future. When no batch is in flight, a send is scheduled
+with `call_soon`, so the appenders already due to run join the batch. The send takes the
+queue (up to `max_batch_bytes`, never splitting a unit), assigns the LSNs, and has the I/O
+thread write the batch and make it durable while the next batch accumulates. When the I/O
+thread reports back (a callback on the loop: no task, no extra wake-up), the batch's
+futures are resolved with their LSNs, in order, and the next batch goes out.
 
 Invariants:
 - One batch in flight, and LSNs assigned in queue order: LSNs are dense and the file holds
@@ -37,7 +38,7 @@ _RECORD_OVERHEAD = 4  # the record's entry in its batch's length table
 
 
 class Batcher:
-    """The pending queue, the batch task and the log's failure state."""
+    """The pending queue, the batch in flight and the log's failure state."""
 
     def __init__(self, store: Store, worker: Worker, options: Options) -> None:
         self._loop = asyncio.get_running_loop()
@@ -90,7 +91,9 @@ class Batcher:
         if size > self._max_record:
             raise self._too_large(size)
         size += _RECORD_OVERHEAD
-        if self._must_wait(size):
+        if (
+            self._pending_bytes + self._reserved + size > self._max_pending or self._space_waiters
+        ) and self._must_wait(size):
             return self._put_when_room(data, size)
         fut = self._loop.create_future()
         self._records.append(data)

@@ -7,6 +7,7 @@ fail with EIO or ENOSPC at a chosen step.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -122,12 +123,20 @@ class FileIO:
     def listdir(self, path: str) -> list[str]:
         return os.listdir(path)
 
-    def makedirs(self, path: str) -> bool:
-        """Create `path` and its parents; True if anything was created."""
-        if os.path.isdir(path):
-            return False
-        os.makedirs(path, exist_ok=True)
-        return True
+    def makedirs(self, path: str) -> list[str]:
+        """Create `path` and any missing parents; return the directories created, outermost
+        first (each needs an fsync of its parent to be durable)."""
+        missing: list[str] = []
+        while not os.path.isdir(path):
+            missing.append(path)
+            parent = os.path.dirname(path)
+            if parent == path:
+                break
+            path = parent
+        for directory in reversed(missing):
+            with contextlib.suppress(FileExistsError):  # made meanwhile; a file fails later
+                os.mkdir(directory)
+        return missing[::-1]
 
     def lock(self, fd: int) -> None:
         """Take an exclusive, non-blocking advisory lock (BlockingIOError if held)."""

@@ -58,8 +58,11 @@ class Store:
             CorruptionError: the last segment's header or data is damaged.
         """
         path = os.path.abspath(path)
-        if io.makedirs(path):
-            io.fsync_dir(os.path.dirname(path))
+        # The log's directory entry, and those of any parents made here, must be durable
+        # before any record is acknowledged; an earlier opener may have been killed before
+        # making them so, so this runs at every open.
+        for parent in sorted({os.path.dirname(d) for d in [*io.makedirs(path), path]}):
+            io.fsync_dir(parent)
         lock_fd = io.open(os.path.join(path, LOCK_NAME), create=True)
         try:
             io.lock(lock_fd)
@@ -88,6 +91,11 @@ class Store:
         self.fd = self.io.open(path)
         self.salt = seg.read_header(self.io, self.fd, path, last)
         self.end, self.next_lsn = seg.recover_tail(self.io, self.fd, path, last, self.salt)
+        # A writer killed between a write and its fdatasync, or between a rename and the
+        # directory's fsync, leaves state that the page cache shows but the disk may not
+        # have. Make it durable before building on it or reporting it as last_lsn.
+        self.io.fdatasync(self.fd)
+        self.io.fsync_dir(self.path)
 
     def segment_path(self, first_lsn: int) -> str:
         return os.path.join(self.path, seg.segment_name(first_lsn))
