@@ -290,3 +290,60 @@ async def test_sync_in_fsync_mode_waits_for_queued_appends(log_dir: Path) -> Non
         await syncer
         assert wal.synced_lsn == 11 and all(t.done() for t in tasks)
         await first
+
+
+class FullDisk(ControlledIO):
+    """Runs out of space while zero-filling new segments, until `full` is cleared."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.full = False
+
+    def zero_fill(self, fd: int, start: int, end: int) -> None:
+        if self.full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        super().zero_fill(fd, start, end)
+
+
+async def test_disk_full_at_rotation_fails_the_batch_and_recovers_in_place(
+    log_dir: Path,
+) -> None:
+    io = FullDisk()
+    async with walasync.open(log_dir, io=io, **small()) as wal:
+        io.full = True  # from now on no new segment can be zero-filled
+        for i in range(3):
+            assert await wal.append(b"%d" % i * 1000) == i + 1  # fits in the first segment
+        with pytest.raises(walasync.DiskFullError) as info:
+            await wal.append(b"x" * 1500)  # needs a second segment
+        assert isinstance(info.value.__cause__, OSError)
+        assert info.value.__cause__.errno == errno.ENOSPC
+        with pytest.raises(walasync.DiskFullError):
+            await wal.append_many([b"y" * 1000, b"z" * 1000])
+        assert wal.last_lsn == 3 and "open" in repr(wal)
+        await wal.sync()  # a sync does not wait for records that were never written
+        assert not (log_dir / "spare.tmp").exists()  # no half-made segment left behind
+        io.full = False  # space freed: the log goes on in place, with dense LSNs
+        assert await wal.append(b"after" * 300) == 4
+        assert await wal.append_many([b"a" * 1000, b"b" * 1000]) == range(5, 7)
+    async with walasync.open(log_dir, **small()) as wal:
+        got = [r.data async for r in wal.read()]
+    assert got == [b"0" * 1000, b"1" * 1000, b"2" * 1000, b"after" * 300, b"a" * 1000, b"b" * 1000]
+
+
+async def test_disk_full_with_appends_queued_behind_fails_each_batch_cleanly(
+    log_dir: Path,
+) -> None:
+    io = FullDisk()
+    async with walasync.open(log_dir, io=io, **small()) as wal:
+        io.full = True
+        await wal.append(b"a" * 3000)
+        results = await asyncio.gather(
+            *(wal.append(b"%d" % i * 900) for i in range(20)), return_exceptions=True
+        )
+        ok = [r for r in results if isinstance(r, int)]
+        assert all(isinstance(r, (int, walasync.DiskFullError)) for r in results)
+        assert sorted(ok) == list(range(2, 2 + len(ok)))  # dense: no LSN was skipped
+        syncing = asyncio.ensure_future(wal.sync())
+        await asyncio.wait_for(syncing, 10)
+        io.full = False
+        assert await wal.append(b"later") == 2 + len(ok)

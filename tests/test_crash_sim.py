@@ -165,11 +165,12 @@ class Session:
         return self.wal
 
     async def append(self, wal: walasync.Wal, data: bytes) -> bool:
-        """Append; False if the log is broken (an injected fault)."""
+        """Append; False if an injected fault failed it (the log broke, or the batch could
+        not get its new segment and was not written)."""
         self.history.attempted.add(data)
         try:
             lsn = await wal.append(data)
-        except walasync.BrokenLogError:
+        except walasync.WalError:
             return False
         self.history.ack(lsn, [data])
         return True
@@ -178,7 +179,7 @@ class Session:
         self.history.attempted.update(datas)
         try:
             lsns = await wal.append_many(datas)
-        except walasync.BrokenLogError:
+        except walasync.WalError:
             return False
         assert len(lsns) == len(datas)
         if datas:

@@ -14,6 +14,7 @@ from ._wal import open as open
 from .errors import BrokenLogError as BrokenLogError
 from .errors import ClosedError as ClosedError
 from .errors import CorruptionError as CorruptionError
+from .errors import DiskFullError as DiskFullError
 from .errors import LockedError as LockedError
 from .errors import RecordTooLargeError as RecordTooLargeError
 from .errors import UnsupportedFormatError as UnsupportedFormatError
@@ -26,6 +27,7 @@ __all__ = (
     "BrokenLogError",
     "ClosedError",
     "CorruptionError",
+    "DiskFullError",
     "Durability",
     "LockedError",
     "Options",

@@ -24,17 +24,39 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 from collections import deque
 from collections.abc import Awaitable
 
 from ._options import Durability, Options
-from ._store import Store
+from ._store import NotWritten, Store
 from ._worker import Worker
-from .errors import BrokenLogError, ClosedError, RecordTooLargeError, WrongLoopError
+from .errors import (
+    BrokenLogError,
+    ClosedError,
+    DiskFullError,
+    RecordTooLargeError,
+    WalError,
+    WrongLoopError,
+)
 
 __all__ = ("Batcher",)
 
 _RECORD_OVERHEAD = 4  # the record's entry in its batch's length table
+
+
+def _not_written(exc: NotWritten) -> WalError:
+    """The error for the appenders of a batch that was not written at all."""
+    cause = exc.__cause__
+    if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+        err: WalError = DiskFullError(
+            f"no room for a new segment ({cause.strerror}); nothing of this append was "
+            "written, and the log takes appends again once space is freed"
+        )
+    else:
+        err = WalError(f"could not start a new segment ({cause!r}); nothing was written")
+    err.__cause__ = cause
+    return err
 
 
 class Batcher:
@@ -234,7 +256,18 @@ class Batcher:
         self.in_flight = 0
         if exc is None and self.failure is not None:  # the log broke while this was in flight
             exc = self.failure
-        if exc is not None:
+        if isinstance(exc, NotWritten) and self.failure is None:
+            self.next_lsn = first  # nothing was written: these LSNs are free again
+            for fut in futures:
+                if fut is not None and not fut.done():
+                    fut.set_exception(_not_written(exc))
+            # Later records move down into the freed LSNs, and so do the targets of syncs.
+            self._sync_waiters = [(t - len(futures), d) for t, d in self._sync_waiters]
+            self._wake_syncers()
+            if self._records:
+                self._start()
+                return
+        elif exc is not None:
             self._fail(exc, futures)
         else:
             self.acked_lsn = self.next_lsn - 1

@@ -232,15 +232,15 @@ def _is_batch_at(scan: Scan, offset: int) -> bool:
 
 
 def install(io: FileIO, fd: int, spare_path: str, directory: str, first_lsn: int) -> int:
-    """Turn a zero-filled spare file into the segment starting at `first_lsn`, durably, and
-    return the new segment's salt.
+    """Turn a zero-filled spare file into the segment starting at `first_lsn` and return the
+    new segment's salt. The caller fsyncs the directory next.
 
-    The header is fdatasync'd before the rename, and the directory is fsynced after it, so
-    a segment that exists under its final name after a crash always has a valid header.
+    The header is fdatasync'd before the rename, so a segment that exists under its final
+    name after a crash always has a valid header. Until the rename succeeds, the log is
+    untouched: a failure leaves only a spare file to discard.
     """
     salt = _salts.getrandbits(32)
     io.pwritev(fd, [fmt.encode_segment_header(first_lsn, salt)], 0)
     io.fdatasync(fd)
     io.rename(spare_path, os.path.join(directory, segment_name(first_lsn)))
-    io.fsync_dir(directory)
     return salt

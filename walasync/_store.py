@@ -14,6 +14,7 @@ the order of submission. Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,9 +24,14 @@ from . import _segment as seg
 from ._io import FileIO
 from .errors import LockedError
 
-__all__ = ("Store",)
+__all__ = ("NotWritten", "Store")
 
 LOCK_NAME = "LOCK"
+
+
+class NotWritten(Exception):
+    """A batch was not written at all: making its new segment failed before the log was
+    touched. The cause is an OSError; the log stays usable."""
 
 
 class Store:
@@ -84,7 +90,11 @@ class Store:
         self.segments = sorted(lsn for lsn in map(seg.parse_name, names) if lsn is not None)
         if not self.segments:
             self.fd = self._make_spare()
-            self._install(1)
+            salt = seg.install(
+                self.io, self.fd, os.path.join(self.path, seg.SPARE_NAME), self.path, 1
+            )
+            self.io.fsync_dir(self.path)
+            self._became_last(1, salt)
             return
         last = self.segments[-1]
         path = self.segment_path(last)
@@ -126,19 +136,48 @@ class Store:
             self._dirty = False
 
     def _rotate(self, first_lsn: int) -> None:
-        if self.fsync:
-            self.sync()  # seal: the old segment is never written or synced again
-        spare, self._spare = self._spare, None
-        spare_fd = spare.result() if spare is not None else self._make_spare()
-        old_fd, self.fd = self.fd, spare_fd
-        self.io.close(old_fd)
-        self._install(first_lsn)
+        """Start the segment for `first_lsn` and make it the last one.
 
-    def _install(self, first_lsn: int) -> None:
-        spare = os.path.join(self.path, seg.SPARE_NAME)
-        self.salt = seg.install(self.io, self.fd, spare, self.path, first_lsn)
+        Raises:
+            NotWritten: the new segment could not be prepared (the disk is full, say); the
+                log is untouched and the next batch will try again.
+        """
+        spare_path = os.path.join(self.path, seg.SPARE_NAME)
+        spare, self._spare = self._spare, None
+        try:
+            fd = spare.result() if spare is not None else self._make_spare()
+        except OSError as exc:
+            self._discard(-1, spare_path)
+            raise NotWritten(exc) from exc
+        if self.fsync:
+            # Seal the old segment before the new one can exist: no segment may outlive a
+            # batch of the one before it. A failure here breaks the log.
+            try:
+                self.sync()
+            except BaseException:
+                self._discard(fd, spare_path)
+                raise
+        try:
+            salt = seg.install(self.io, fd, spare_path, self.path, first_lsn)
+        except OSError as exc:
+            self._discard(fd, spare_path)
+            raise NotWritten(exc) from exc
+        self.io.fsync_dir(self.path)
+        old_fd, self.fd = self.fd, fd
+        self.io.close(old_fd)
+        self._became_last(first_lsn, salt)
+
+    def _discard(self, fd: int, spare_path: str) -> None:
+        """Drop a spare file that will not become a segment (best effort)."""
+        with contextlib.suppress(OSError):
+            if fd >= 0:
+                self.io.close(fd)
+            self.io.unlink(spare_path)
+
+    def _became_last(self, first_lsn: int, salt: int) -> None:
         if not self.segments or self.segments[-1] != first_lsn:
             self.segments.append(first_lsn)
+        self.salt = salt
         self.end = fmt.SEGMENT_HEADER
         self.next_lsn = first_lsn
         self._dirty = False

@@ -6,6 +6,7 @@ __all__ = (
     "BrokenLogError",
     "ClosedError",
     "CorruptionError",
+    "DiskFullError",
     "LockedError",
     "RecordTooLargeError",
     "UnsupportedFormatError",
@@ -41,6 +42,14 @@ class BrokenLogError(WalError):
     claim durability that does not exist (PostgreSQL's "fsyncgate"). Every pending and later
     append raises this error with the first failure as its cause; reopen the log to recover
     everything that was acknowledged.
+    """
+
+
+class DiskFullError(WalError):
+    """A batch needed a new segment and the disk had no room for it (ENOSPC or EDQUOT).
+
+    Nothing of that batch was written and the log stays open: later appends succeed once
+    space is freed. The `OSError` is the cause.
     """
 
 
