@@ -99,7 +99,8 @@ class Scan:
         out: list[tuple[int, fmt.BatchHeader, bytes]] = []
         if self.end is not None:
             return out
-        buf = self.io.pread(self.fd, max(max_bytes, fmt.BATCH_HEADER), self.offset)
+        want = min(max(max_bytes, fmt.BATCH_HEADER), self.file_size - self.offset)
+        buf = self.io.pread(self.fd, want, self.offset) if want > 0 else b""
         pos = 0
         while True:
             if self.offset >= self.file_size:
