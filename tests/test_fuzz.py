@@ -9,6 +9,7 @@ import os
 import struct
 import tempfile
 import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -101,14 +102,14 @@ async def test_a_directory_that_cannot_be_written_is_a_wal_error(log_dir: Path) 
     assert isinstance(info.value.__cause__, PermissionError)
 
 
-@pytest.mark.skipif(
-    not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() == 0,
-    reason="root ignores directory permissions",
-)
-async def test_a_read_only_directory_is_a_wal_error(tmp_path: Path) -> None:
+@pytest.fixture
+def read_only_dir(tmp_path: Path) -> Iterator[Path]:
     tmp_path.chmod(0o500)
-    try:
-        with pytest.raises(walasync.WalError):
-            await walasync.open(tmp_path / "log")
-    finally:
-        tmp_path.chmod(0o700)
+    yield tmp_path
+    tmp_path.chmod(0o700)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+async def test_a_read_only_directory_is_a_wal_error(read_only_dir: Path) -> None:
+    with pytest.raises(walasync.WalError):
+        await walasync.open(read_only_dir / "log")
