@@ -77,3 +77,8 @@ async def test_kv_store_rebuilds_its_state_from_the_log(tmp_path: Path) -> None:
     assert "  greeting = hello from run 2\n" in second
     assert "  alice = 80\n  bob = 20\n" in second
     assert "  sensor4 = 24.5C\n" in second
+
+
+async def test_crash_testing() -> None:
+    out = await run_example("crash_testing")
+    assert re.search(r"^\d+ power-loss images recovered: no acknowledged transfer lost", out, re.M)
