@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import threading
 from pathlib import Path
@@ -12,6 +13,7 @@ from conftest import segment_files, small
 
 import walasync
 from walasync import ClosedError, Record, RecordTooLargeError, WalError, WrongLoopError
+from walasync._io import FileIO
 
 
 async def test_open_creates_nested_directory_and_starts_empty(tmp_path: Path) -> None:
@@ -247,3 +249,24 @@ async def test_repr_shows_state(log_dir: Path) -> None:
         await wal.append(b"x")
         text = repr(wal)
         assert "open" in text and "last_lsn=1" in text and "durability=fsync" in text
+
+
+async def test_a_failed_read_is_a_wal_error_and_the_log_goes_on(log_dir: Path) -> None:
+    class FailingRead(FileIO):
+        fail = False
+
+        def pread(self, fd: int, size: int, offset: int) -> bytes:
+            if self.fail:
+                self.fail = False
+                raise OSError(errno.EIO, "Input/output error")
+            return super().pread(fd, size, offset)
+
+    io = FailingRead()
+    async with walasync.open(log_dir, io=io) as wal:
+        await wal.append(b"x")
+        io.fail = True
+        with pytest.raises(WalError, match="reading") as info:
+            [r async for r in wal.read()]
+        assert isinstance(info.value.__cause__, OSError)
+        assert [r.data async for r in wal.read()] == [b"x"]
+        assert await wal.append(b"y") == 2

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple, TypeVar
 from . import _format as fmt
 from . import _segment as seg
 from ._io import FileIO
-from .errors import CorruptionError
+from .errors import CorruptionError, WalError
 
 __all__ = ("Record", "read_records")
 
@@ -53,11 +53,17 @@ async def read_records(
 
     Raises:
         CorruptionError: a batch up to `stop` is invalid, or the LSNs have a gap.
+        WalError: a read failed (the OSError is its cause).
     """
     loop = asyncio.get_running_loop()
 
-    def run(fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
-        return loop.run_in_executor(None, fn, *args)
+    async def run(fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return await loop.run_in_executor(None, fn, *args)
+        except WalError:
+            raise
+        except OSError as exc:  # the boundary for reads: OSError becomes WalError
+            raise WalError(f"reading {directory}: {exc}") from exc
 
     index = max(bisect_right(segments, start) - 1, 0)
     start = max(start, segments[0]) if segments else start

@@ -134,13 +134,8 @@ class Wal:
         if start < 1:
             raise ValueError(f"start must be >= 1, not {start}")
         stop = self.last_lsn if end is None else min(end, self.last_lsn)
-        return self._read(max(start, first), stop)
-
-    async def _read(self, start: int, stop: int) -> AsyncIterator[Record]:
-        records = read_records(self._io, self.path, list(self._store.segments), start, stop)
-        with _os_errors(f"reading {self.path}"):
-            async for record in records:
-                yield record
+        segments = list(self._store.segments)
+        return read_records(self._io, self.path, segments, max(start, first), stop)
 
     async def sync(self) -> None:
         """Return once everything appended so far is fdatasync'd (for the relaxed modes).
@@ -194,15 +189,12 @@ class Wal:
 
     def __repr__(self) -> str:
         b = self._batcher
-        state = (
-            "closed"
-            if self._closed
-            else "closing"
-            if self.closed
-            else "broken"
-            if b.failure
-            else "open"
-        )
+        if self._closed:
+            state = "closed"
+        elif self.closed:
+            state = "closing"
+        else:
+            state = "broken" if b.failure else "open"
         return (
             f"<Wal {self.path!r} {state} first_lsn={self.first_lsn} last_lsn={b.acked_lsn} "
             f"synced_lsn={b.synced_lsn} pending={b.pending} in_flight={b.in_flight} "
