@@ -293,16 +293,16 @@ async def test_sync_in_fsync_mode_waits_for_queued_appends(log_dir: Path) -> Non
 
 
 class FullDisk(ControlledIO):
-    """Runs out of space while zero-filling new segments, until `full` is cleared."""
+    """Runs out of space while preallocating new segments, until `full` is cleared."""
 
     def __init__(self) -> None:
         super().__init__()
         self.full = False
 
-    def zero_fill(self, fd: int, start: int, end: int) -> None:
+    def preallocate(self, fd: int, size: int) -> None:
         if self.full:
             raise OSError(errno.ENOSPC, "No space left on device")
-        super().zero_fill(fd, start, end)
+        super().preallocate(fd, size)
 
 
 async def test_disk_full_at_rotation_fails_the_batch_and_recovers_in_place(

@@ -6,10 +6,10 @@ the order of submission. Invariants:
 - Segment files are named by their first LSN and never overlap; only the last is written.
 - A segment appears under its final name only after its header is durable, and the
   directory is fsynced before any record in it is acknowledged.
-- The next segment is zero-filled ahead of need on a second thread, once the last segment is
-  half full (etcd keeps a spare file ready the same way), so a rotation costs a header write,
-  a rename and two fsyncs, and writes into a zero-filled file let fdatasync skip the
-  metadata of a growing file.
+- The next segment is preallocated ahead of need on a second thread, once the last segment
+  is half full (etcd keeps a spare file ready the same way), so a rotation costs a header
+  write, a rename and two fsyncs, and writes never grow the file, which would make each
+  fdatasync commit the file's size too.
 """
 
 from __future__ import annotations
@@ -53,7 +53,6 @@ class Store:
         self._dirty = False  # written since the last fdatasync of the last segment
         self._spare_pool = ThreadPoolExecutor(1, thread_name_prefix="walasync-prealloc")
         self._spare: Future[int] | None = None
-        self._closing = False  # tells a spare being zero-filled to stop
 
     @classmethod
     def open(cls, io: FileIO, path: str, segment_size: int, fsync: bool = True) -> Store:
@@ -183,15 +182,11 @@ class Store:
         self._dirty = False
 
     def _make_spare(self) -> int:
-        """Create the spare file, zero-filled to the segment size and durable."""
+        """Create the spare file, preallocated to the segment size, durably."""
         fd = self.io.open(os.path.join(self.path, seg.SPARE_NAME), create=True)
         try:
             self.io.truncate(fd, 0)
-            step = 8 << 20
-            for start in range(0, self.segment_size, step):
-                if self._closing:
-                    raise RuntimeError("the log was closed while its spare was being made")
-                self.io.zero_fill(fd, start, min(start + step, self.segment_size))
+            self.io.preallocate(fd, self.segment_size)
             self.io.fdatasync(fd)
         except BaseException:
             self.io.close(fd)
@@ -217,7 +212,6 @@ class Store:
                 self._lock_fd = -1
 
     def _drop_spare(self) -> None:
-        self._closing = True
         spare, self._spare = self._spare, None
         self._spare_pool.shutdown(wait=True)
         if spare is not None and spare.exception() is None:

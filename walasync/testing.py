@@ -291,6 +291,10 @@ class SimulatedDisk(FileIO):
         if end > start:
             self._write(fd, bytes(end - start), start)
 
+    def preallocate(self, fd: int, size: int) -> None:
+        """Modelled as writing zeros: durable at the next fdatasync, like fallocate."""
+        self.zero_fill(fd, self.size(fd), size)
+
     def _write(self, fd: int, data: bytes, offset: int) -> None:
         self._delay("write")
         with self._mutex:
