@@ -1,303 +1,189 @@
-"""Batching-throughput benchmark: walasync group commit vs per-record fsync vs the raw disk.
+"""Durable-append benchmark: walasync group commit vs the raw disk and other ways to persist.
 
-For each concurrency level N (default 1, 16, 256, 1024) and 100-byte records, measures
-appends/s and p50/p99 append latency for:
+Workloads (every counted record is durable, fdatasync'd or equivalent, before it counts):
 
-* ``walasync-asyncio`` / ``walasync-uvloop``: N coroutines looping on ``await wal.append(rec)``.
-* ``per-record``: N threads (capped at 256), each doing ``os.pwrite`` + ``os.fdatasync`` per
-  record under one ``threading.Lock``: durability without group commit.
-* ``raw``: one thread doing ``os.pwritev`` of N pre-built frames + ``os.fdatasync`` per batch:
-  the disk's limit with no per-record work (a record's latency is its batch's call time).
+* ``append``: N writers each looping on one durable record at a time (for walasync, N
+  coroutines awaiting ``wal.append(record)``), for each record size.
+* ``many``: 16 writers each looping on one atomic batch of 100 records
+  (``wal.append_many([record] * 100)``; peers commit the 100 records in one transaction).
 
-Like walasync inside its zero-filled segments, both baselines overwrite a preallocated,
-synced 16 MiB ring (so fdatasync need not update the file size); ``--append`` makes them append
-to a growing file instead, as a naive implementation would.
+Implementations, all writing under the same directory (so the same file system):
 
-Each cell is repeated ``--repeats`` times, implementations interleaved, each repetition on a
-fresh log/file after a short warm-up. Only operations completing inside the timed window count.
+* ``walasync-asyncio`` / ``walasync-uvloop``: walasync on the default loop and on uvloop.
+* ``raw``: one thread writing rounds of N ops' records as pwritev + fdatasync per batch (of at
+  most 4 MiB): the disk's limit with no per-record work; latency is the round's time.
+* ``per-record``: threads doing pwrite + fdatasync per op under one threading.Lock.
+* ``per-record-aiofiles``: coroutines doing, under one asyncio.Lock, aiofiles write + flush
+  and fdatasync in a thread per op.
+* ``sqlite3`` (WAL, synchronous=FULL, commit per op), ``rocksdb`` (synced puts; rocksdict,
+  or aimrocks where rocksdict holds the GIL), ``lmdb`` (sync=True, txn per op): threads.
+
+Thread-based implementations run min(N, 256) threads. The baselines overwrite a
+preallocated, synced 16 MiB ring, as walasync writes into zero-filled segments (``--append``:
+a growing file instead). Optional packages are imported lazily; a missing one gives a
+"skipped: X not installed" row.
+
+Each repetition runs in its own process (so CPU time and peak RSS are its own), after a
+warm-up, on a fresh log; repetitions of the implementations in a cell are interleaved; the
+table shows medians and the spread. ``--quick`` (default) keeps within a minute, ``--full``
+within ten minutes on 2 cores; a time budget skips what is left if the machine is slow.
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/bench_batching.py            # quick, < 60 s
-    PYTHONPATH=. python benchmarks/bench_batching.py --full     # ~3 s per cell, < 10 min
-    python benchmarks/bench_batching.py --impl raw,per-record --json out.json
+    python benchmarks/bench_batching.py                    # quick: 100 B, N up to 1024
+    python benchmarks/bench_batching.py --full --json bench-results/full.json \\
+        --plot bench-results/full.png
+    python benchmarks/bench_batching.py --impl walasync,raw --sizes 100,4096 --concurrency 1,256
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import importlib
 import importlib.util
 import json
-import math
 import os
 import platform
 import shutil
-import statistics
+import subprocess
 import sys
 import tempfile
-import threading
+import textwrap
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-RECORD_SIZE = 100
+from _common import Rep, Skip, Spec, maxrss_mib
+from _report import Cell, Cells, Group, render, size_label, target_lines
+
+IMPLS = (
+    "walasync-asyncio",
+    "walasync-uvloop",
+    "raw",
+    "per-record",
+    "per-record-aiofiles",
+    "sqlite3",
+    "rocksdb",
+    "lmdb",
+)
+THREADED = ("per-record", "sqlite3", "rocksdb", "lmdb")
+SLOW = ("per-record", "per-record-aiofiles", "sqlite3", "lmdb")  # one writer at a time
+PEERS = ("per-record-aiofiles", "sqlite3", "rocksdb", "lmdb")  # --quick: at one N only
+REQUIRES = {"walasync-uvloop": "uvloop", "per-record-aiofiles": "aiofiles", "lmdb": "lmdb"}
+MANY_N, MANY_BATCH = 16, 100
 MAX_THREADS = 256
-RING_SIZE = 16 << 20
-IMPLS = ("walasync-asyncio", "walasync-uvloop", "per-record", "raw")
-QUICK = {"duration": 0.6, "warmup": 0.15, "repeats": 3}
-FULL = {"duration": 3.0, "warmup": 0.5, "repeats": 3}
-
-LoopFactory = Callable[[], asyncio.AbstractEventLoop]
-
-
-class Skip(Exception):
-    """Raised when an implementation cannot run here (e.g. uvloop missing)."""
-
-
-@dataclass
-class Window:
-    """Timed window in perf_counter_ns: warm-up runs before ``start``; work stops at ``end``."""
-
-    start: int
-    end: int
-
-    @classmethod
-    def after(cls, warmup: float, duration: float) -> Window:
-        """Window beginning ``warmup`` seconds from now and lasting ``duration`` seconds."""
-        start = time.perf_counter_ns() + int(warmup * 1e9)
-        return cls(start, start + int(duration * 1e9))
+REP_OVERHEAD = 0.35  # seconds per repetition beyond warm-up + timed: process, open, close
 
 
 @dataclass(frozen=True)
-class Params:
-    """Per-repetition settings shared by every implementation."""
-
+class Preset:
     duration: float
     warmup: float
-    append: bool = False
-    segment_size: int | None = None
-
-    def window(self) -> Window:
-        """A fresh timed window starting after the warm-up."""
-        return Window.after(self.warmup, self.duration)
-
-
-@dataclass
-class Rep:
-    """One repetition of one cell."""
-
-    records: int
-    seconds: float
-    rate: float
-    p50_us: float | None
-    p90_us: float | None
-    p99_us: float | None
-    max_us: float | None
-    threads: int | None = None
+    repeats: int
+    sizes: tuple[int, ...]
+    concurrency: tuple[int, ...]
+    many_sizes: tuple[int, ...]
+    many_impls: tuple[str, ...]  # implementations in the "many" workload
+    budget: float  # seconds: the remaining repetitions are skipped past this
 
 
-@dataclass
-class Cell:
-    """All repetitions of one (implementation, N) cell, plus the summary."""
-
-    impl: str
-    n: int
-    reps: list[Rep] = field(default_factory=list)
-    skipped: str | None = None
-
-    @property
-    def rate(self) -> float:
-        """Median records/s across repetitions."""
-        return statistics.median(r.rate for r in self.reps)
-
-    def median_of(self, attr: str) -> float | None:
-        """Median of a latency attribute across repetitions (None if no samples)."""
-        vals = [v for r in self.reps if (v := getattr(r, attr)) is not None]
-        return statistics.median(vals) if vals else None
-
-
-def percentile(sorted_ns: Sequence[int], q: float) -> float | None:
-    """Nearest-rank percentile of sorted nanosecond samples, in microseconds."""
-    if not sorted_ns:
-        return None
-    return sorted_ns[max(0, math.ceil(q * len(sorted_ns)) - 1)] / 1e3
+QUICK = Preset(
+    duration=0.4,
+    warmup=0.1,
+    repeats=3,
+    sizes=(100,),
+    concurrency=(1, 16, 256, 1024),
+    many_sizes=(100,),
+    many_impls=("walasync-uvloop", "raw", "rocksdb"),
+    budget=52.0,
+)
+FULL = Preset(
+    duration=0.6,
+    warmup=0.15,
+    repeats=3,
+    sizes=(100, 1024, 4096, 65536),
+    concurrency=(1, 16, 256, 1024, 4096),
+    many_sizes=(100, 4096),
+    many_impls=IMPLS,
+    budget=560.0,
+)
 
 
-def make_rep(lat_ns: list[int], win: Window, weight: int = 1, threads: int | None = None) -> Rep:
-    """Summarise latency samples (each standing for ``weight`` records) over ``win``."""
-    lat_ns.sort()
-    seconds = (win.end - win.start) / 1e9
-    records = len(lat_ns) * weight
-    return Rep(
-        records=records,
-        seconds=seconds,
-        rate=records / seconds,
-        p50_us=percentile(lat_ns, 0.50),
-        p90_us=percentile(lat_ns, 0.90),
-        p99_us=percentile(lat_ns, 0.99),
-        max_us=lat_ns[-1] / 1e3 if lat_ns else None,
-        threads=threads,
-    )
+# --------------------------------------------------------------------------- child side
 
 
-# --------------------------------------------------------------------------- walasync
+def run_impl(spec: Spec) -> Rep:
+    """Run one repetition of ``spec`` in this process."""
+    import _impls
+    import _peers
+
+    impl = spec.impl
+    if impl.startswith("walasync-"):
+        return _impls.run_walasync(spec, uvloop=impl == "walasync-uvloop")
+    runners = {
+        "raw": _impls.run_raw,
+        "per-record": _impls.run_per_record,
+        "per-record-aiofiles": _impls.run_aiofiles,
+        "sqlite3": _peers.run_sqlite,
+        "rocksdb": _peers.run_rocksdb,
+        "lmdb": _peers.run_lmdb,
+    }
+    return runners[impl](spec)
 
 
-def _ensure_walasync_importable() -> None:
-    """Put the repository root on sys.path if walasync is not importable as is."""
-    if importlib.util.find_spec("walasync") is None:
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+def _preimport(spec: Spec) -> None:
+    """Import what the implementation needs, so the RSS delta is the run's, not the imports'."""
+    names = {
+        "walasync-asyncio": ["walasync"],
+        "walasync-uvloop": ["walasync", "uvloop"],
+        "rocksdb": [spec.rocksdb_binding or ""],
+    }.get(spec.impl, [REQUIRES.get(spec.impl, "")])
+    import _impls
+    import _peers  # noqa: F401
+
+    _impls._ensure_walasync_importable()
+    for name in filter(None, names):
+        if importlib.util.find_spec(name) is not None:  # if missing, the run raises Skip
+            importlib.import_module(name)
 
 
-def uvloop_factory() -> LoopFactory:
-    """Return uvloop's loop factory, or raise Skip if uvloop is not installed."""
+def child_main(arg: str) -> None:
+    """Run the repetition described by JSON ``arg``; print its result as one JSON line."""
+    spec = Spec(**json.loads(arg))
+    _preimport(spec)
+    base = maxrss_mib()
     try:
-        import uvloop
-    except ImportError as exc:
-        raise Skip("uvloop not installed") from exc
-    return uvloop.new_event_loop
+        rep = run_impl(spec)
+    except Skip as exc:
+        print(json.dumps({"skip": str(exc)}))
+        return
+    rep.peak_rss_mib = maxrss_mib()
+    rep.rss_delta_mib = rep.peak_rss_mib - base
+    print(json.dumps({"rep": asdict(rep)}), flush=True)
+    os._exit(0)  # don't wait for threads left behind (see _common.run_threads)
 
 
-async def _walasync_cell(
-    path: Path, n: int, record: bytes, prm: Params
-) -> tuple[list[int], Window]:
-    import walasync
+# --------------------------------------------------------------------------- parent side
 
-    opts: dict[str, Any] = {} if prm.segment_size is None else {"segment_size": prm.segment_size}
-    wal = await walasync.open(path, **opts)
-    lat: list[int] = []
-    win = prm.window()
 
-    async def worker() -> None:
-        append, clock, start, end = wal.append, time.perf_counter_ns, win.start, win.end
-        while (t0 := clock()) < end:
-            await append(record)
-            t1 = clock()
-            if start <= t1 < end:
-                lat.append(t1 - t0)
-
+def run_child(spec: Spec) -> Rep | str:
+    """Run one repetition in a child process: its Rep, or why it was skipped or failed."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(asdict(spec))]
+    timeout = spec.warmup + spec.duration + 120
     try:
-        await asyncio.gather(*(worker() for _ in range(n)))
-    finally:
-        await wal.close()
-    return lat, win
-
-
-def run_walasync(loop_factory: LoopFactory | None, path: Path, n: int, prm: Params) -> Rep:
-    """N coroutines appending to a fresh walasync log on the given event loop."""
-    _ensure_walasync_importable()
-    record = b"w" * RECORD_SIZE
-    loop = (loop_factory or asyncio.new_event_loop)()  # no asyncio.Runner: keep 3.10 support
-    try:
-        lat, win = loop.run_until_complete(_walasync_cell(path, n, record, prm))
-    finally:
-        loop.run_until_complete(loop.shutdown_asyncgens())
-        loop.close()
-    return make_rep(lat, win)
-
-
-# --------------------------------------------------------------------------- baselines
-
-
-def open_target(path: Path, append: bool) -> tuple[int, int]:
-    """Open a baseline's file; unless ``append``, zero-fill and sync a ring of RING_SIZE bytes.
-
-    Returns (fd, ring size or 0 for append). Overwriting preallocated blocks, as walasync does
-    inside its zero-filled segments, lets fdatasync skip the file-size metadata update.
-    """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-    if append:
-        return fd, 0
-    zeros = bytes(1 << 20)
-    for off in range(0, RING_SIZE, len(zeros)):
-        os.pwrite(fd, zeros, off)
-    os.fsync(fd)
-    return fd, RING_SIZE
-
-
-def run_per_record(path: Path, n: int, prm: Params) -> Rep:
-    """min(N, 256) threads doing write + fdatasync per record under one lock."""
-    threads = min(n, MAX_THREADS)
-    record = b"p" * RECORD_SIZE
-    fd, ring = open_target(path, prm.append)
-    offset = 0
-    lock = threading.Lock()
-    go = threading.Event()
-    lats: list[list[int]] = [[] for _ in range(threads)]
-    win = Window(0, 0)
-
-    def worker(lat: list[int]) -> None:
-        nonlocal offset
-        go.wait()
-        clock, start, end = time.perf_counter_ns, win.start, win.end
-        while (t0 := clock()) < end:
-            with lock:
-                if clock() >= end:  # don't drain the lock queue past the deadline
-                    break
-                if ring and offset + RECORD_SIZE > ring:
-                    offset = 0
-                offset += os.pwrite(fd, record, offset)
-                os.fdatasync(fd)
-            t1 = clock()
-            if start <= t1 < end:
-                lat.append(t1 - t0)
-
-    pool = [threading.Thread(target=worker, args=(lat,), daemon=True) for lat in lats]
-    try:
-        for t in pool:
-            t.start()
-        w = prm.window()
-        win.start, win.end = w.start, w.end
-        go.set()
-        for t in pool:
-            t.join()
-    finally:
-        os.close(fd)
-    return make_rep([x for lat in lats for x in lat], win, threads=threads)
-
-
-def run_raw(path: Path, n: int, prm: Params) -> Rep:
-    """One thread: writev of N pre-built frames + fdatasync per batch."""
-    frames = [b"r" * RECORD_SIZE for _ in range(n)]
-    iov_max = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
-    chunks = [frames[i : i + iov_max] for i in range(0, n, iov_max)]
-    fd, ring = open_target(path, prm.append)
-    offset, batch = 0, n * RECORD_SIZE
-    lat: list[int] = []
-    win = prm.window()
-    clock, start, end = time.perf_counter_ns, win.start, win.end
-    try:
-        while (t0 := clock()) < end:
-            if ring and offset + batch > ring:
-                offset = 0
-            for chunk in chunks:
-                offset += os.pwritev(fd, chunk, offset)
-            os.fdatasync(fd)
-            t1 = clock()
-            if start <= t1 < end:
-                lat.append(t1 - t0)
-    finally:
-        os.close(fd)
-    return make_rep(lat, win, weight=n)
-
-
-def run_impl(impl: str, path: Path, n: int, prm: Params) -> Rep:
-    """Run one repetition of ``impl`` at concurrency ``n`` writing under ``path``."""
-    if impl == "walasync-asyncio":
-        return run_walasync(None, path, n, prm)
-    if impl == "walasync-uvloop":
-        return run_walasync(uvloop_factory(), path, n, prm)
-    if impl == "per-record":
-        return run_per_record(path, n, prm)
-    if impl == "raw":
-        return run_raw(path, n, prm)
-    raise ValueError(impl)
-
-
-# --------------------------------------------------------------------------- reporting
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return f"failed: timed out after {timeout:.0f} s"
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        err = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        return f"failed: {err}"
+    out = json.loads(lines[-1])
+    if "skip" in out:
+        return str(out["skip"])
+    return Rep(**out["rep"])
 
 
 def fs_type(path: Path) -> str:
@@ -330,45 +216,10 @@ def machine_info(tmp: Path) -> dict[str, Any]:
     }
 
 
-def _fmt(x: float | None, spec: str = ",.0f") -> str:
-    return "-" if x is None else format(x, spec)
-
-
-def _ratio(num: Cell, den: Cell | None) -> str:
-    if den is None or den is num or not den.reps or not num.reps or den.rate == 0:
-        return "-"
-    r = num.rate / den.rate
-    return f"{r:.0f}x" if r >= 100 else f"{r:.2f}x" if r >= 0.1 else f"{r:.3f}x"
-
-
-def render(cells: dict[tuple[str, int], Cell], impls: list[str], ns: list[int]) -> str:
-    """Fixed-width results table, one row per implementation per N."""
-    head = (
-        f"{'impl':<17} {'N':>5} {'rec/s':>11} {'spread (min-max)':>23} "
-        f"{'p50 us':>9} {'p99 us':>9} {'x per-rec':>10} {'x raw':>7}"
-    )
-    out = [head, "-" * len(head)]
-    for n in ns:
-        for impl in impls:
-            c = cells.get((impl, n))
-            if c is None:
-                continue
-            if c.skipped or not c.reps:
-                out.append(f"{impl:<17} {n:>5}   skipped: {c.skipped}")
-                continue
-            rates = [r.rate for r in c.reps]
-            spread = f"{min(rates):,.0f}-{max(rates):,.0f}"
-            out.append(
-                f"{impl:<17} {n:>5} {c.rate:>11,.0f} {spread:>23} "
-                f"{_fmt(c.median_of('p50_us')):>9} {_fmt(c.median_of('p99_us')):>9} "
-                f"{_ratio(c, cells.get(('per-record', n))):>10} "
-                f"{_ratio(c, cells.get(('raw', n))):>7}"
-            )
-        out.append("")
-    return "\n".join(out).rstrip()
-
-
-# --------------------------------------------------------------------------- main
+def _ints(spec: str | None, default: Sequence[int]) -> tuple[int, ...]:
+    if spec is None:
+        return tuple(default)
+    return tuple(int(x) for x in spec.split(",") if x.strip())
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -376,17 +227,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", dest="full", action="store_false", help="quick run (default)")
-    mode.add_argument("--full", dest="full", action="store_true", help="~3 s per cell")
+    mode.add_argument("--full", dest="full", action="store_true", help="the whole matrix")
     p.set_defaults(full=False)
-    p.add_argument("--concurrency", default="1,16,256,1024", help="comma-separated N values")
-    p.add_argument("--duration", type=float, help="timed seconds per cell repetition")
+    p.add_argument("--concurrency", help="comma-separated N values for the append workload")
+    p.add_argument("--sizes", help="comma-separated record sizes in bytes (append workload)")
+    p.add_argument("--many-sizes", help="record sizes for the append_many workload ('' = none)")
+    p.add_argument("--duration", type=float, help="timed seconds per repetition")
     p.add_argument("--warmup", type=float, help="untimed warm-up seconds per repetition")
     p.add_argument("--repeats", type=int, help="repetitions per cell")
+    p.add_argument("--budget", type=float, help="skip repetitions past this many seconds")
     p.add_argument(
         "--impl",
         default=",".join(IMPLS),
         help=f"comma-separated subset of {', '.join(IMPLS)} ('walasync' = both loops)",
     )
+    p.add_argument(
+        "--slow-max-n",
+        type=int,
+        default=256,
+        help=f"largest N for {', '.join(SLOW)}, which serialise anyway (default 256)",
+    )
+    p.add_argument("--max-threads", type=int, default=MAX_THREADS, help="cap on threads")
     p.add_argument("--dir", default=".bench-tmp", help="parent dir for temp files (real disk)")
     p.add_argument(
         "--append",
@@ -394,7 +255,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="baselines append to a growing file instead of overwriting a preallocated one",
     )
     p.add_argument("--segment-size", type=int, help="walasync segment_size in bytes")
-    p.add_argument("--json", metavar="PATH", help="write all raw numbers to PATH")
+    p.add_argument("--json", metavar="PATH", help="write all numbers to PATH")
+    p.add_argument("--plot", metavar="PATH.png", help="plot 100 B appends against N to PATH")
+    p.add_argument("--child", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -409,62 +272,160 @@ def select_impls(spec: str) -> list[str]:
     return [i for i in IMPLS if i in wanted]
 
 
-def run_grid(
-    cells: dict[tuple[str, int], Cell], ns: list[int], repeats: int, tmp: Path, prm: Params
-) -> None:
-    """Fill ``cells``: per N, repetition-major so implementations interleave."""
+@dataclass
+class Plan:
+    groups: list[Group]
+    cells: Cells
+    notes: list[str]
+
+
+def make_plan(args: argparse.Namespace, preset: Preset, impls: list[str]) -> Plan:
+    """The groups and cells to run, and notes on what was left out and why."""
+    sizes = _ints(args.sizes, preset.sizes)
+    ns = _ints(args.concurrency, preset.concurrency)
+    many_sizes = _ints(args.many_sizes, preset.many_sizes)
+    if not ns or min(ns) < 1 or (sizes and min(sizes) < 1) or (many_sizes and min(many_sizes) < 1):
+        raise SystemExit("need N >= 1 and record sizes >= 1")
+    quick_peer_n = min(ns, key=lambda n: abs(n - 256))
+    groups = [Group("append", s, n) for s in sizes for n in ns]
+    groups += [Group("many", s, MANY_N) for s in many_sizes]
+    cells: Cells = {}
+    notes: list[str] = []
+    for g in groups:
+        for impl in impls:
+            if g.workload == "many" and impl not in preset.many_impls:
+                continue
+            if g.workload == "append" and impl in SLOW and g.n > args.slow_max_n:
+                continue  # noted below
+            if not args.full and impl in PEERS and g.workload == "append" and g.n != quick_peer_n:
+                continue
+            cell = cells[(g, impl)] = Cell(impl, g)
+            module = REQUIRES.get(impl)
+            if module and importlib.util.find_spec(module) is None:
+                cell.skipped = f"{module} not installed"
+    slow = [i for i in impls if i in SLOW]
+    if slow and max(ns) > args.slow_max_n:
+        notes.append(
+            f"{', '.join(slow)} run at N <= {args.slow_max_n} only: they commit one op at a "
+            "time, so their rate is flat in N (--slow-max-n)"
+        )
+    if not args.full:
+        left: list[str] = []
+        if peers := [i for i in impls if i in PEERS]:
+            left.append(f"{', '.join(peers)} at N={quick_peer_n} only")
+        others = [i for i in impls if i not in preset.many_impls]
+        if others and many_sizes:
+            left.append(f"append_many without {', '.join(others)}")
+        if omitted := [size_label(x) for x in FULL.sizes if x not in sizes]:
+            left.append(f"no {', '.join(omitted)} records")
+        if omitted := [str(n) for n in FULL.concurrency if n not in ns]:
+            left.append(f"no N={', '.join(omitted)}")
+        if left:
+            notes.append("--quick, for time (--full runs the whole matrix): " + "; ".join(left))
+    over = [i for i in THREADED if any(g.n > args.max_threads for (g, j) in cells if j == i)]
+    if over:
+        notes.append(f"{', '.join(over)} run min(N, {args.max_threads}) threads (--max-threads)")
+    used = [g for g in groups if any(k[0] == g for k in cells)]
+    return Plan(groups=used, cells=cells, notes=notes)
+
+
+def run_grid(plan: Plan, base: Spec, repeats: int, budget: float, tmp: Path, t0: float) -> bool:
+    """Fill the cells; per group, repetition-major so implementations interleave.
+
+    Returns False if the time budget ran out (the remaining repetitions are skipped).
+    """
+    est = base.warmup + base.duration + REP_OVERHEAD
     seq = 0
-    for n in ns:
-        for rep in range(1, repeats + 1):
-            for (impl, cell_n), cell in cells.items():
-                if cell_n != n or cell.skipped:
+    for gi, g in enumerate(plan.groups, 1):
+        todo = [c for (cg, _), c in plan.cells.items() if cg == g and not c.skipped]
+        for _rep in range(repeats):
+            for cell in todo:
+                if cell.skipped:
                     continue
+                if time.perf_counter() - t0 + est > budget:
+                    for c in plan.cells.values():
+                        if not c.skipped and not c.reps:
+                            c.skipped = "out of time budget (--budget)"
+                    return False
                 seq += 1
-                path = tmp / f"{seq:03d}-{impl}-{n}"
+                path = tmp / f"{seq:04d}-{cell.impl}"
+                batch = 1 if g.workload == "append" else MANY_BATCH
+                spec = replace(
+                    base, impl=cell.impl, workload=g.workload, n=g.n, size=g.size, batch=batch,
+                    path=str(path),
+                )  # fmt: skip
                 try:
-                    cell.reps.append(run_impl(impl, path, n, prm))
-                    msg = f"{cell.reps[-1].rate:,.0f} rec/s"
-                except Skip as exc:
-                    cell.skipped = msg = str(exc)
+                    out = run_child(spec)
                 finally:
                     if path.is_dir():
                         shutil.rmtree(path, ignore_errors=True)
                     else:
                         path.unlink(missing_ok=True)
-                print(f"  N={n} rep {rep} {impl}: {msg}", file=sys.stderr, flush=True)
+                if isinstance(out, str):
+                    cell.skipped = out
+                else:
+                    cell.reps.append(out)
+        rates = ", ".join(
+            f"{c.impl} {c.rate:,.0f}" if c.reps else f"{c.impl} skipped" for c in todo
+        )
+        print(
+            f"  [{gi}/{len(plan.groups)} {time.perf_counter() - t0:.0f}s] {g.workload} "
+            f"{size_label(g.size)} N={g.n}: {rates}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Run the benchmark grid and print the table (and optionally JSON)."""
+    """Run the benchmark grid and print the tables (and optionally JSON and a plot)."""
     args = parse_args(argv)
+    if args.child is not None:
+        child_main(args.child)
+        return
+    started = time.perf_counter()
     preset = FULL if args.full else QUICK
-    duration = args.duration if args.duration is not None else preset["duration"]
-    warmup = args.warmup if args.warmup is not None else preset["warmup"]
-    repeats = args.repeats if args.repeats is not None else int(preset["repeats"])
-    ns = [int(x) for x in args.concurrency.split(",") if x.strip()]
-    if not ns or min(ns) < 1 or repeats < 1 or duration <= 0 or warmup < 0:
-        raise SystemExit("need N >= 1, --repeats >= 1, --duration > 0, --warmup >= 0")
+    duration = args.duration if args.duration is not None else preset.duration
+    warmup = args.warmup if args.warmup is not None else preset.warmup
+    repeats = args.repeats if args.repeats is not None else preset.repeats
+    budget = args.budget if args.budget is not None else preset.budget
+    if repeats < 1 or duration <= 0 or warmup < 0:
+        raise SystemExit("need --repeats >= 1, --duration > 0, --warmup >= 0")
     impls = select_impls(args.impl)
-    prm = Params(duration, warmup, args.append, args.segment_size)
+    plan = make_plan(args, preset, impls)
 
     parent = Path(args.dir)
     created_parent = not parent.exists()
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="bench-batching-", dir=parent))
     info = machine_info(tmp)
-    cells = {(i, n): Cell(i, n) for n in ns for i in impls}
-    started = time.perf_counter()
+    base = Spec(
+        impl="", workload="", n=0, size=0, batch=1, duration=duration, warmup=warmup, path="",
+        max_threads=args.max_threads, append_file=args.append, segment_size=args.segment_size,
+    )  # fmt: skip
     print(
         f"# python {info['python']} ({info['implementation']}) | {info['platform']} | "
         f"cpus {info['cpu_count']} | fs {info['fs']}"
     )
     print(
-        f"# {RECORD_SIZE} B records | {duration:g} s timed + {warmup:g} s warm-up | {repeats} "
-        "repeats: median rate, min-max spread, median p50/p99 | baselines: "
-        + ("growing file" if args.append else "preallocated file")
+        f"# {'full' if args.full else 'quick'}: {duration:g} s timed + {warmup:g} s warm-up per "
+        f"repetition, {repeats} interleaved repetitions, each in its own process | baselines: "
+        + ("growing file" if args.append else "preallocated file"),
+        flush=True,
     )
+    finished = True
     try:
-        run_grid(cells, ns, repeats, tmp, prm)
+        rocks = [c for (_, i), c in plan.cells.items() if i == "rocksdb" and not c.skipped]
+        if rocks:
+            from _peers import choose_rocksdb
+
+            binding, why = choose_rocksdb(str(tmp))
+            plan.notes += why
+            base = replace(base, rocksdb_binding=binding)
+            if binding is None:
+                for c in rocks:
+                    c.skipped = "no usable RocksDB binding: " + "; ".join(why)
+        finished = run_grid(plan, base, repeats, budget, tmp, started)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if created_parent:
@@ -473,47 +434,44 @@ def main(argv: Sequence[str] | None = None) -> None:
             except OSError:
                 pass
     elapsed = time.perf_counter() - started
+    if not finished:
+        plan.notes.append(f"the {budget:g} s time budget ran out: later repetitions skipped")
+    short = sorted({c.impl for c in plan.cells.values() if c.reps and len(c.reps) < repeats})
+    if short:
+        plan.notes.append(f"fewer than {repeats} repetitions for some cells of {', '.join(short)}")
 
-    print(render(cells, impls, ns))
-    notes = [
-        f"per-record runs {MAX_THREADS} threads at N={n} (capped; the lock serialises anyway)"
-        for n in ns
-        if n > MAX_THREADS and "per-record" in impls
-    ]
-    notes += [f"{c.impl} skipped: {c.skipped}" for c in cells.values() if c.skipped]
-    for note in dict.fromkeys(notes):
+    from _report import LEGEND, payload, plot, write_json
+
+    print(render(plan.cells, plan.groups, impls, MANY_BATCH))
+    print(target_lines(plan.cells, plan.groups))
+    for note in dict.fromkeys(plan.notes):
         print(f"# note: {note}")
+    print(textwrap.fill(LEGEND, 100, subsequent_indent="#   "))
+    if args.plot:
+        fs = info["fs"].split(" ")[0]
+        title = f"durable 100 B appends | {fs}, {info['cpu_count']} cpus, python {info['python']}"
+        why_not = plot(plan.cells, impls, args.plot, title)
+        print(f"# plot: {why_not or args.plot}")
     print(f"# total {elapsed:.1f} s")
-
     if args.json:
-        payload = {
-            "machine": info,
-            "config": {
-                "record_size": RECORD_SIZE,
-                "duration": duration,
-                "warmup": warmup,
-                "repeats": repeats,
-                "concurrency": ns,
-                "impls": impls,
-                "max_threads": MAX_THREADS,
-                "segment_size": args.segment_size,
-                "baseline_file": "append" if args.append else f"preallocated {RING_SIZE} B ring",
-            },
-            "elapsed_s": elapsed,
-            "cells": [
-                {
-                    "impl": c.impl,
-                    "n": c.n,
-                    "skipped": c.skipped,
-                    "median_rate": c.rate if c.reps else None,
-                    "median_p50_us": c.median_of("p50_us"),
-                    "median_p99_us": c.median_of("p99_us"),
-                    "reps": [asdict(r) for r in c.reps],
-                }
-                for c in cells.values()
-            ],
+        config = {
+            "mode": "full" if args.full else "quick",
+            "preset": asdict(preset),
+            "duration": duration,
+            "warmup": warmup,
+            "repeats": repeats,
+            "budget": budget,
+            "impls": impls,
+            "groups": [asdict(g) for g in plan.groups],
+            "many_writers": MANY_N,
+            "many_batch": MANY_BATCH,
+            "max_threads": args.max_threads,
+            "slow_max_n": args.slow_max_n,
+            "segment_size": args.segment_size,
+            "rocksdb_binding": base.rocksdb_binding,
+            "baseline_file": "append" if args.append else "preallocated 16 MiB ring",
         }
-        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+        write_json(args.json, payload(info, config, plan.cells, plan.notes, elapsed))
 
 
 if __name__ == "__main__":
