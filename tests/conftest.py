@@ -4,9 +4,9 @@ that fails any blocking system call walasync makes on the event loop thread."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from blockbuster import BlockBuster, BlockBusterFunction
@@ -14,7 +14,30 @@ from blockbuster import BlockBuster, BlockBusterFunction
 try:
     import uvloop
 except ImportError:  # pragma: no cover - uvloop is in the test extra on every POSIX system
-    uvloop = None
+    uvloop = None  # type: ignore[assignment]
+
+T = TypeVar("T")
+
+# The event loops every test runs on: async tests get them from the hook below; sync tests
+# that drive a loop themselves (hypothesis, crash enumeration) use `loops` and `run`.
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
+if uvloop is not None:
+    LOOPS["uvloop"] = uvloop.new_event_loop
+loops = pytest.mark.parametrize("loop", list(LOOPS))
+
+
+def run(loop: str, main: Coroutine[Any, Any, T]) -> T:
+    """Run `main` on a new event loop of the named kind (asyncio.Runner, but for 3.10)."""
+    ev = LOOPS[loop]()
+    try:
+        return ev.run_until_complete(main)
+    finally:
+        try:
+            ev.run_until_complete(ev.shutdown_asyncgens())
+            ev.run_until_complete(ev.shutdown_default_executor())
+        finally:
+            ev.close()
+
 
 # System calls walasync makes that blockbuster does not watch by default.
 _WATCHED = (
@@ -36,12 +59,7 @@ _WATCHED = (
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
-    factories: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
-        "asyncio": asyncio.new_event_loop
-    }
-    if uvloop is not None:
-        factories["uvloop"] = uvloop.new_event_loop
-    return factories
+    return LOOPS
 
 
 def blocking_guard() -> BlockBuster:

@@ -34,25 +34,15 @@ import errno
 import os
 import posixpath
 import random
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
+from conftest import loops, run
 
 import walasync
 from walasync.testing import SimulatedDisk
-
-try:
-    import uvloop
-except ImportError:  # pragma: no cover
-    uvloop = None  # type: ignore[assignment]
-
-T = TypeVar("T")
-LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
-if uvloop is not None:
-    LOOPS["uvloop"] = uvloop.new_event_loop
-loops = pytest.mark.parametrize("loop", list(LOOPS))
 
 ROOT = "/data"
 LOG = "/data/log"
@@ -62,19 +52,6 @@ SEED = int(os.environ.get("WALASYNC_CRASH_SEED", "0"))
 NESTED = 2  # images per workload whose second run is crashed at every step
 SAMPLES = 2  # images per step for each random mode
 SHOW = 5  # failures quoted in a failure message
-
-
-def run(loop: str, main: Coroutine[Any, Any, T]) -> T:
-    """Run `main` on a new event loop of the named kind."""
-    ev = LOOPS[loop]()
-    try:
-        return ev.run_until_complete(main)
-    finally:
-        try:
-            ev.run_until_complete(ev.shutdown_asyncgens())
-            ev.run_until_complete(ev.shutdown_default_executor())
-        finally:
-            ev.close()
 
 
 # -- what a run did ----------------------------------------------------------------------------

@@ -14,12 +14,11 @@ import random
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
 import pytest
-from conftest import small
+from conftest import loops, run, small
 from crc32c import crc32c
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -28,19 +27,10 @@ import walasync
 from walasync import CorruptionError, Record, UnsupportedFormatError
 from walasync import _format as fmt
 
-try:
-    import uvloop
-except ImportError:  # pragma: no cover
-    uvloop = None  # type: ignore[assignment]
-
-T = TypeVar("T")
 SEGMENT = 4096
 OPTS: dict[str, Any] = small()
 HEADER = fmt.SEGMENT_HEADER
 
-LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
-if uvloop is not None:
-    LOOPS["uvloop"] = uvloop.new_event_loop
 
 PROPERTY = settings(
     max_examples=30,
@@ -49,20 +39,6 @@ PROPERTY = settings(
     # meant to stay active across all examples.
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-loops = pytest.mark.parametrize("loop", list(LOOPS))
-
-
-def run(loop: str, main: Coroutine[Any, Any, T]) -> T:
-    """Run `main` on a new event loop of the named kind (asyncio.Runner, but for 3.10)."""
-    ev = LOOPS[loop]()
-    try:
-        return ev.run_until_complete(main)
-    finally:
-        try:
-            ev.run_until_complete(ev.shutdown_asyncgens())
-            ev.run_until_complete(ev.shutdown_default_executor())
-        finally:
-            ev.close()
 
 
 # -- records and workloads ------------------------------------------------------------------
