@@ -274,8 +274,11 @@ class Batcher:
             if self._fsync:
                 self.synced_lsn = self.acked_lsn
             for lsn, fut in enumerate(futures, first):
-                if fut is not None and not fut.done():
-                    fut.set_result(lsn)
+                if fut is not None:
+                    try:
+                        fut.set_result(lsn)
+                    except asyncio.InvalidStateError:  # its appender was cancelled
+                        pass
             if self._sync_waiters:
                 self._wake_syncers()
             if self._records:

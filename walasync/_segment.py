@@ -233,7 +233,7 @@ def _is_batch_at(scan: Scan, offset: int) -> bool:
 
 
 def install(io: FileIO, fd: int, spare_path: str, directory: str, first_lsn: int) -> int:
-    """Turn a zero-filled spare file into the segment starting at `first_lsn` and return the
+    """Turn a preallocated spare file into the segment starting at `first_lsn` and return the
     new segment's salt. The caller fsyncs the directory next.
 
     The header is fdatasync'd before the rename, so a segment that exists under its final
