@@ -90,10 +90,12 @@ async def test_backpressure_bounds_queued_bytes(log_dir: Path) -> None:
         peak = 0
 
         async def watch() -> None:
+            # Sample now and then: a loop spinning on sleep(0) would starve the I/O thread
+            # of the GIL (each hand-off waits out the 5 ms switch interval).
             nonlocal peak
             while not all(t.done() for t in tasks):
                 peak = max(peak, batcher._pending_bytes + batcher._reserved)
-                await asyncio.sleep(0)
+                await asyncio.sleep(0.002)
 
         watcher = asyncio.ensure_future(watch())
         io.gate.set()
