@@ -117,6 +117,7 @@ class Batcher:
             self._pending_bytes + self._reserved + size > self._max_pending or self._space_waiters
         ) and self._must_wait(size):
             return self._put_when_room(data, size)
+        # `_enqueue` for one record, inlined: this is the hot path.
         fut = self._loop.create_future()
         self._records.append(data)
         self._futures.append(fut)
