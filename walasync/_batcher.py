@@ -385,7 +385,8 @@ class Batcher:
                 await self.sync()
 
     def abandon(self) -> None:
-        """Fail what is pending in a log nobody closed (from `Wal.__del__`, on any thread)."""
+        """Stop a log nobody closed (from `Wal.__del__`, on any thread): no more appends,
+        no background sync."""
         if not self._loop.is_closed():
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
                 self._loop.call_soon_threadsafe(self._abandon)
