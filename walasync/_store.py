@@ -51,6 +51,7 @@ class Store:
         self.end = 0  # where the next batch goes in the last segment
         self.next_lsn = 1
         self._dirty = False  # written since the last fdatasync of the last segment
+        self._unsynced: list[str] = []  # sealed segments never fdatasync'd (NONE mode)
         self._spare_pool = ThreadPoolExecutor(1, thread_name_prefix="walasync-prealloc")
         self._spare: Future[int] | None = None
 
@@ -129,7 +130,15 @@ class Store:
             self._spare = self._spare_pool.submit(self._make_spare)
 
     def sync(self) -> None:
-        """fdatasync the last segment if anything was written since its last fdatasync."""
+        """fdatasync whatever was written since its last fdatasync: the last segment, and
+        segments sealed without one (in NONE mode), oldest first."""
+        while self._unsynced:
+            fd = self.io.open(self._unsynced[0])  # fdatasync flushes the file, by any fd
+            try:
+                self.io.fdatasync(fd)
+            finally:
+                self.io.close(fd)
+            del self._unsynced[0]
         if self._dirty:
             self.io.fdatasync(self.fd)
             self._dirty = False
@@ -162,6 +171,8 @@ class Store:
             self._discard(fd, spare_path)
             raise NotWritten(exc) from exc
         self.io.fsync_dir(self.path)
+        if self._dirty:  # NONE mode: remember it for the next sync()
+            self._unsynced.append(self.segment_path(self.segments[-1]))
         old_fd, self.fd = self.fd, fd
         self.io.close(old_fd)
         self._became_last(first_lsn, salt)
