@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import threading
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,7 @@ async def test_pending_appends_go_out_in_one_write_and_one_fdatasync(log_dir: Pa
         writes, syncs = io.batch_writes, io.fdatasyncs
         rest = [asyncio.ensure_future(wal.append(b"r%d" % i)) for i in range(500)]
         await asyncio.sleep(0.01)
-        assert wal._batcher.pending == 500 and io.batch_writes == writes  # all waiting
+        assert wal._batcher.in_flight == 501 and io.batch_writes == writes  # all waiting
         io.gate.set()
         assert await first == 1
         assert sorted(await asyncio.gather(*rest)) == list(range(2, 502))
@@ -193,6 +194,69 @@ async def test_fdatasync_failure_breaks_the_log_for_good(log_dir: Path) -> None:
         records = [r async for r in wal.read()]
         assert records[0] == walasync.Record(1, b"durable")
         assert await wal.append(b"again") == wal.last_lsn
+
+
+async def test_a_batch_queued_behind_a_failed_fdatasync_is_never_written(log_dir: Path) -> None:
+    io = ControlledIO()
+    async with walasync.open(log_dir, io=io) as wal:
+        first = await hold(io, wal)
+        behind = [asyncio.ensure_future(wal.append(b"b%d" % i)) for i in range(5)]
+        await asyncio.sleep(0.01)
+        assert wal._batcher.in_flight == 6  # the second batch waits at the I/O thread
+        writes = io.batch_writes
+        io.fail_fdatasync = errno.EIO
+        io.gate.set()
+        results = await asyncio.gather(first, *behind, return_exceptions=True)
+        assert all(isinstance(r, BrokenLogError) for r in results)
+        assert io.batch_writes == writes  # the batch behind the failure never touched the file
+    async with walasync.open(log_dir) as wal:
+        assert [r.data async for r in wal.read()] in ([], [b"first"])
+
+
+async def test_a_batch_queued_behind_a_failed_sync_is_never_written(log_dir: Path) -> None:
+    io = ControlledIO()
+    async with walasync.open(log_dir, io=io, durability="interval", sync_interval=60) as wal:
+        assert await wal.append(b"acked") == 1
+        io.gate.clear()
+        io.entered_fdatasync.clear()
+        syncing = asyncio.ensure_future(wal.sync())
+        await wait_until_in_fdatasync(io)
+        behind = [asyncio.ensure_future(wal.append(b"b%d" % i)) for i in range(5)]
+        await asyncio.sleep(0.01)
+        writes = io.batch_writes
+        io.fail_fdatasync = errno.EIO
+        io.gate.set()
+        results = await asyncio.gather(syncing, *behind, return_exceptions=True)
+        assert all(isinstance(r, BrokenLogError) for r in results)
+        assert io.batch_writes == writes  # nothing is written after a failed fdatasync
+
+
+async def test_appenders_woken_by_one_batch_go_out_in_overlapping_batches(log_dir: Path) -> None:
+    """A large batch's appenders are woken a chunk at a time, and each chunk's next records
+    are sent while the loop still runs the rest: the I/O works while the loop does."""
+    io = ControlledIO()
+    async with walasync.open(log_dir, io=io) as wal:
+        first = await hold(io, wal)
+        got: list[int] = []
+
+        async def twice(i: int) -> None:
+            got.append(await wal.append(b"a%d" % i))
+            got.append(await wal.append(b"b%d" % i))
+
+        tasks = [asyncio.ensure_future(twice(i)) for i in range(300)]
+        await asyncio.sleep(0.01)
+        assert wal._batcher.in_flight == 301  # the first round waits behind the held batch
+        writes = io.batch_writes
+        io.gate.set()
+        await first
+        await asyncio.gather(*tasks)
+        assert io.batch_writes - writes >= 3  # the first round, then the second in pieces
+        assert sorted(got) == list(range(2, 602))
+        assert sorted(got[:300]) == list(range(2, 302))  # acknowledged in LSN order
+    async with walasync.open(log_dir) as wal:
+        data = [r.data async for r in wal.read()]
+    assert sorted(data[1:301]) == sorted(b"a%d" % i for i in range(300))
+    assert sorted(data[301:]) == sorted(b"b%d" % i for i in range(300))
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO])
@@ -349,6 +413,43 @@ async def test_disk_full_with_appends_queued_behind_fails_each_batch_cleanly(
         await asyncio.wait_for(syncing, 10)
         io.full = False
         assert await wal.append(b"later") == 2 + len(ok)
+
+
+class HeldFullDisk(FullDisk):
+    """A full disk whose preallocation (the only way to a new segment) waits at `release`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.release.set()
+
+    def preallocate(self, fd: int, size: int) -> None:
+        self.release.wait(30)
+        super().preallocate(fd, size)
+
+
+async def test_disk_full_with_a_batch_queued_behind_fails_both_and_keeps_lsns_dense(
+    log_dir: Path,
+) -> None:
+    io = HeldFullDisk()
+    async with walasync.open(log_dir, io=io, **small()) as wal:
+        io.full = True
+        io.release.clear()
+        assert await wal.append(b"a" * 2500) == 1  # past half: the spare is being made
+        rotating = asyncio.ensure_future(wal.append(b"b" * 2500))  # needs that spare
+        await asyncio.sleep(0.01)
+        behind = [asyncio.ensure_future(wal.append(b"c%d" % i)) for i in range(5)]
+        await asyncio.sleep(0.01)
+        assert wal._batcher.in_flight == 6  # two batches in flight, the second with LSNs 3..7
+        io.release.set()
+        results = await asyncio.gather(rotating, *behind, return_exceptions=True)
+        assert all(isinstance(r, walasync.DiskFullError) for r in results), results
+        assert wal.last_lsn == 1 and "open" in repr(wal)
+        io.full = False
+        assert await wal.append(b"after") == 2  # the refused LSNs were reused
+        assert await wal.append(b"d" * 2500) == 3  # and rotation works again
+    async with walasync.open(log_dir, **small()) as wal:
+        assert [r.data async for r in wal.read()] == [b"a" * 2500, b"after", b"d" * 2500]
 
 
 @pytest.mark.parametrize("durability", ["none", "interval"])

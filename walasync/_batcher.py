@@ -43,6 +43,8 @@ from .errors import (
 __all__ = ("Batcher",)
 
 _RECORD_OVERHEAD = 4  # the record's entry in its batch's length table
+_PIPELINE = 2  # batches in flight at most: one being written, the next one queued behind it
+_CHUNK = 128  # acknowledged appenders woken per loop pass (see `_resolve`)
 
 
 def _not_written(exc: NotWritten) -> WalError:
@@ -79,14 +81,15 @@ class Batcher:
         self._reserved = 0  # bytes granted to appenders that left the space queue
         self._space_waiters: deque[tuple[asyncio.Future[None], int]] = deque()
         self._sync_waiters: list[tuple[int, asyncio.Future[None]]] = []
-        self._batch: tuple[int, list[asyncio.Future[int] | None]] | None = None  # in flight
+        # Batches handed to the I/O thread and not yet reported back, oldest first.
+        self._flight: deque[tuple[int, list[asyncio.Future[int] | None]]] = deque()
         self._timer: asyncio.Handle | None = None  # the next batch, scheduled
-        self._idle = True  # no batch in flight or scheduled
+        self._idle = True  # no send scheduled, and the pipeline has room for one
         self._drained: asyncio.Future[None] | None = None  # set once closed and drained
         self.next_lsn = store.next_lsn  # LSN of the next batch
         self.acked_lsn = self.next_lsn - 1  # highest LSN acknowledged to an appender
         self.synced_lsn = self.acked_lsn  # highest LSN known fdatasync'd
-        self.in_flight = 0  # records in the batch being written
+        self.in_flight = 0  # records in the batches being written
         self.failure: BaseException | None = None
         self.closing = False
         self._refusing = False  # failure or closing: the fast path checks this one flag
@@ -238,60 +241,75 @@ class Batcher:
     def _send(self) -> None:
         self._timer = None
         if self.failure is not None or not self._records:
-            self._idle = True
+            self._idle = len(self._flight) < _PIPELINE
             return
         records, futures = self._take()
         first = self.next_lsn
         self.next_lsn = first + len(records)
-        self.in_flight = len(records)
-        self._batch = (first, futures)
+        self.in_flight += len(records)
+        self._flight.append((first, futures))
+        self._idle = len(self._flight) < _PIPELINE
         self._worker.submit(
             self._loop, self._store.write_batch, (first, records, self._fsync), self._sent
         )
 
     def _sent(self, _: object, exc: BaseException | None) -> None:
-        """On the loop, once the I/O thread has written (and made durable) the batch."""
-        assert self._batch is not None
-        first, futures = self._batch
-        self._batch = None
-        self.in_flight = 0
+        """On the loop, once the I/O thread has written (and made durable) the oldest batch
+        in flight."""
+        first, futures = self._flight.popleft()
+        self.in_flight -= len(futures)
         if exc is None and self.failure is not None:  # the log broke while this was in flight
             exc = self.failure
         if isinstance(exc, NotWritten) and self.failure is None:
-            self.next_lsn = first  # nothing was written: these LSNs are free again
+            # Nothing was written, nor will the batches behind it be (the store refuses a
+            # gap): their LSNs are free again, and later records and sync targets move down.
+            self.next_lsn -= len(futures)
             for fut in futures:
                 if fut is not None and not fut.done():
                     fut.set_exception(_not_written(exc))
-            # Later records move down into the freed LSNs, and so do the targets of syncs.
-            self._sync_waiters = [(t - len(futures), d) for t, d in self._sync_waiters]
+            self._sync_waiters = [
+                (t - len(futures) if t >= first else t, d) for t, d in self._sync_waiters
+            ]
             self._wake_syncers()
-            if self._records:
-                self._start()
-                return
         elif exc is not None:
             self._fail(exc, futures)
         else:
-            self.acked_lsn = self.next_lsn - 1
+            self.acked_lsn = first + len(futures) - 1
             if self._fsync:
                 self.synced_lsn = self.acked_lsn
-            for lsn, fut in enumerate(futures, first):
-                if fut is not None:
-                    try:
-                        fut.set_result(lsn)
-                    except asyncio.InvalidStateError:  # its appender was cancelled
-                        pass
+            self._resolve(futures, first, 0)
             if self._sync_waiters:
                 self._wake_syncers()
-            if self._records:
+        if self._timer is None:
+            if self._records and self.failure is None:
                 self._start()
-                return
-        self._idle = True
+            else:
+                self._idle = True
         self._check_drained()
+
+    def _resolve(self, futures: list[asyncio.Future[int] | None], first: int, start: int) -> None:
+        """Give acknowledged appenders their LSNs, `_CHUNK` at a time.
+
+        The appenders of one chunk run (and append again) before the next chunk is resolved,
+        and their records go out as a batch of their own: the loop's work on the rest then
+        overlaps that batch's write and fdatasync instead of waiting for it.
+        """
+        end = start + _CHUNK
+        lsn = first + start
+        for fut in futures[start:end]:
+            if fut is not None:
+                try:
+                    fut.set_result(lsn)
+                except asyncio.InvalidStateError:  # its appender was cancelled
+                    pass
+            lsn += 1
+        if end < len(futures):
+            self._loop.call_soon(self._resolve, futures, first, end)
 
     def _check_drained(self) -> None:
         if (
             self._drained is not None
-            and self._batch is None
+            and not self._flight
             and (
                 self.failure is not None
                 or not (self._futures or self._space_waiters or self._reserved)

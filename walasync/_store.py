@@ -24,7 +24,7 @@ from . import _segment as seg
 from ._io import FileIO
 from .errors import LockedError
 
-__all__ = ("NotWritten", "Store")
+__all__ = ("NotWritten", "Store", "StoreFailed")
 
 LOCK_NAME = "LOCK"
 
@@ -32,6 +32,11 @@ LOCK_NAME = "LOCK"
 class NotWritten(Exception):
     """A batch was not written at all: making its new segment failed before the log was
     touched. The cause is an OSError; the log stays usable."""
+
+
+class StoreFailed(Exception):
+    """A write or fdatasync failed earlier: the store writes nothing more (a retried
+    fdatasync could report success for pages the kernel already dropped)."""
 
 
 class Store:
@@ -51,6 +56,8 @@ class Store:
         self.end = 0  # where the next batch goes in the last segment
         self.next_lsn = 1
         self._dirty = False  # written since the last fdatasync of the last segment
+        self.failed: BaseException | None = None  # the write or fdatasync that failed
+        self._refused: BaseException | None = None  # why the last batch was NotWritten
         self._unsynced: list[str] = []  # sealed segments never fdatasync'd (NONE mode)
         self._spare_pool = ThreadPoolExecutor(1, thread_name_prefix="walasync-prealloc")
         self._spare: Future[int] | None = None
@@ -111,9 +118,30 @@ class Store:
         return os.path.join(self.path, seg.segment_name(first_lsn))
 
     def write_batch(self, first_lsn: int, records: Sequence[bytes], sync: bool) -> None:
-        """Append one batch (rotating first if it does not fit), then fdatasync if `sync`."""
+        """Append one batch (rotating first if it does not fit), then fdatasync if `sync`.
+
+        Raises:
+            NotWritten: the batch's segment could not be started, or the batch before it
+                was not written (its LSNs would leave a gap).
+            StoreFailed: an earlier write or fdatasync failed; nothing more is written.
+        """
+        if self.failed is not None:
+            raise StoreFailed("an earlier write or fdatasync failed") from self.failed
         if first_lsn != self.next_lsn:
+            if self._refused is not None and first_lsn > self.next_lsn:
+                raise NotWritten(self._refused) from self._refused
             raise AssertionError(f"batch LSN {first_lsn} != expected {self.next_lsn}")
+        try:
+            self._write(first_lsn, records, sync)
+        except NotWritten as exc:
+            self._refused = exc.__cause__
+            raise
+        except BaseException as exc:
+            self.failed = exc
+            raise
+        self._refused = None
+
+    def _write(self, first_lsn: int, records: Sequence[bytes], sync: bool) -> None:
         head, body = fmt.encode_batch(first_lsn, records, self.salt)
         size = len(head) + len(body)
         if self.end + size > self.segment_size and self.end > fmt.SEGMENT_HEADER:
@@ -132,6 +160,15 @@ class Store:
     def sync(self) -> None:
         """fdatasync whatever was written since its last fdatasync: the last segment, and
         segments sealed without one (in NONE mode), oldest first."""
+        if self.failed is not None:
+            raise StoreFailed("an earlier write or fdatasync failed") from self.failed
+        try:
+            self._sync()
+        except BaseException as exc:
+            self.failed = exc
+            raise
+
+    def _sync(self) -> None:
         while self._unsynced:
             fd = self.io.open(self._unsynced[0])  # fdatasync flushes the file, by any fd
             try:
