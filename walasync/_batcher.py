@@ -92,7 +92,7 @@ class Batcher:
         self.in_flight = 0  # records in the batches being written
         self.failure: BaseException | None = None
         self.closing = False
-        self._refusing = False  # failure or closing: the fast path checks this one flag
+        self._limit = self._max_pending  # what `put` may fill the queue to without a check
         self._ticker: asyncio.Task[None] | None = None
         if options.durability is Durability.INTERVAL:
             self._ticker = self._loop.create_task(
@@ -110,21 +110,22 @@ class Batcher:
         Raises:
             RecordTooLargeError, ClosedError, BrokenLogError, WrongLoopError.
         """
-        if self._refusing or asyncio.get_running_loop() is not self._loop:
+        if asyncio.get_running_loop() is not self._loop:
             self.check()
         size = len(data)
         if size > self._max_record:
             raise self._too_large(size)
         size += _RECORD_OVERHEAD
-        if (
-            self._pending_bytes + self._reserved + size > self._max_pending or self._space_waiters
-        ) and self._must_wait(size):
-            return self._put_when_room(data, size)
+        pending = self._pending_bytes + size
+        if pending > self._limit:  # full, or appenders waiting, or refusing appends
+            self.check()
+            if self._must_wait(size):
+                return self._put_when_room(data, size)
         # `_enqueue` for one record, inlined: this is the hot path.
         fut = self._loop.create_future()
         self._records.append(data)
         self._futures.append(fut)
-        self._pending_bytes += size
+        self._pending_bytes = pending
         if self._idle:
             self._start()
         return fut
@@ -176,6 +177,7 @@ class Batcher:
         """Wait in line (FIFO) until the queue has room for `size` bytes, then queue."""
         granted: asyncio.Future[None] = self._loop.create_future()
         self._space_waiters.append((granted, size))
+        self._set_limit()
         try:
             await granted
         except asyncio.CancelledError:
@@ -184,6 +186,7 @@ class Batcher:
             self._grant_space()
             raise
         self._reserved -= size
+        self._set_limit()
         if self.failure is not None:
             raise self.broken()
         return await self._enqueue(records, size)
@@ -198,10 +201,18 @@ class Batcher:
                 continue
             used = self._pending_bytes + self._reserved
             if used and used + size > self._max_pending:
-                return
+                break
             waiters.popleft()
             self._reserved += size
             granted.set_result(None)
+        self._set_limit()
+
+    def _set_limit(self) -> None:
+        """Keep `_limit` true: the fast path of `put` checks nothing else."""
+        if self.failure is not None or self.closing or self._space_waiters:
+            self._limit = -1
+        else:
+            self._limit = self._max_pending - self._reserved
 
     def _take(self) -> tuple[list[bytes], list[asyncio.Future[int] | None]]:
         """Remove the next batch from the queue: everything, or as many whole units as fit
@@ -366,7 +377,6 @@ class Batcher:
         """Fail the log for good: this batch, everything queued and every waiter."""
         if self.failure is None:
             self.failure = exc
-        self._refusing = True
         waiting: list[asyncio.Future[int] | None] | list[asyncio.Future[None]]
         for waiting in (
             batch,
@@ -381,6 +391,7 @@ class Batcher:
         self._pending_bytes = 0
         self._space_waiters.clear()
         self._sync_waiters = []
+        self._set_limit()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -389,7 +400,8 @@ class Batcher:
 
     async def close(self) -> None:
         """Stop taking appends, write out everything queued, and fdatasync in INTERVAL mode."""
-        self.closing = self._refusing = True
+        self.closing = True
+        self._set_limit()
         self._drained = self._loop.create_future()
         if self._timer is not None:  # no more waiting for company
             self._timer.cancel()

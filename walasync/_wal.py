@@ -58,6 +58,7 @@ class Wal:
         self._io = io
         self.options = options
         self._batcher = Batcher(store, worker, options)
+        self._put = self._batcher.put  # bound once: `append` is the hot path
         self._closer: asyncio.Future[None] | None = None
         self._closed = False
 
@@ -100,7 +101,7 @@ class Wal:
         """
         if type(data) is not bytes:
             data = _as_bytes(data)
-        return await self._batcher.put(data)
+        return await self._put(data)
 
     async def append_many(self, records: Iterable[Buffer]) -> range:
         """Append records as one atomic unit: after a crash, all of them are there or none.
