@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import segment_files, small
+from conftest import LOOPS, loops, run, segment_files, small
 
 import walasync
 from walasync import ClosedError, Record, RecordTooLargeError, WalError, WrongLoopError
@@ -224,6 +224,20 @@ async def test_use_from_another_event_loop_is_a_typed_error(log_dir: Path) -> No
         await asyncio.to_thread(thread.join)
         assert len(errors) == 1 and isinstance(errors[0], WrongLoopError)
         assert await wal.append(b"c") == 2
+
+
+@loops
+def test_use_from_another_loop_on_the_same_thread_is_typed(loop: str, log_dir: Path) -> None:
+    own = LOOPS[loop]()
+    try:
+        wal = own.run_until_complete(walasync.open(log_dir))
+        own.run_until_complete(wal.append(b"a"))
+        with pytest.raises(WrongLoopError):  # `own` is not running: another loop is
+            run(loop, wal.append(b"b"))
+        assert own.run_until_complete(wal.append(b"c")) == 2
+        own.run_until_complete(wal.close())
+    finally:
+        own.close()
 
 
 async def test_unclosed_log_warns_and_releases_its_lock(log_dir: Path) -> None:

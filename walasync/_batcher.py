@@ -1,16 +1,21 @@
 """Group commit: every pending append goes out in one write plus one fdatasync.
 
 Theory of operation. `put` queues a unit (one record, or the records of one
-`append_many`) and hands back a future. When no batch is in flight, a send is scheduled
-with `call_soon`, so the appenders already due to run join the batch. The send takes the
-queue (up to `max_batch_bytes`, never splitting a unit), assigns the LSNs, and has the I/O
-thread write the batch and make it durable while the next batch accumulates. When the I/O
-thread reports back (a callback on the loop: no task, no extra wake-up), the batch's
-futures are resolved with their LSNs, in order, and the next batch goes out.
+`append_many`) and hands back a future. Unless a send is already scheduled or two batches
+are in flight, a send is scheduled with `call_soon`, so the appenders already due to run
+join the batch. The send takes the queue (up to `max_batch_bytes`, never splitting a unit),
+assigns the LSNs and hands the batch to the I/O thread, which writes batches one at a time,
+each made durable before the next is written. When the I/O thread reports a batch back (a
+callback on the loop: no task, no extra wake-up), its futures are resolved with their LSNs,
+in order, 128 per loop pass: the appenders of the first chunk append again and their
+records go out as the next batch while the loop still runs the rest, so the disk and the
+loop work at the same time instead of taking turns.
 
 Invariants:
-- One batch in flight, and LSNs assigned in queue order: LSNs are dense and the file holds
-  batches in LSN order.
+- LSNs are assigned in queue order and batches are written in LSN order, one at a time:
+  LSNs are dense, and a batch's write starts only after the one before it is durable.
+  A batch that is not written (`NotWritten`) fails the batch queued behind it too, and
+  their LSNs are reused; after any other failure the store writes nothing more.
 - A future is resolved only after its batch is durable (in `Durability.FSYNC`) and only if
   nobody cancelled it; a cancelled append whose unit was queued may still become durable.
 - Queued bytes (plus bytes granted to appenders about to queue) stay under
@@ -27,6 +32,7 @@ import contextlib
 import errno
 from collections import deque
 from collections.abc import Awaitable
+from threading import get_ident as _get_ident
 
 from ._options import Durability, Options
 from ._store import NotWritten, Store
@@ -62,10 +68,11 @@ def _not_written(exc: NotWritten) -> WalError:
 
 
 class Batcher:
-    """The pending queue, the batch in flight and the log's failure state."""
+    """The pending queue, the batches in flight and the log's failure state."""
 
     def __init__(self, store: Store, worker: Worker, options: Options) -> None:
         self._loop = asyncio.get_running_loop()
+        self._thread = _get_ident()
         self._store = store
         self._worker = worker
         self._fsync = options.durability is Durability.FSYNC
@@ -110,7 +117,9 @@ class Batcher:
         Raises:
             RecordTooLargeError, ClosedError, BrokenLogError, WrongLoopError.
         """
-        if asyncio.get_running_loop() is not self._loop:
+        # The loop running on the loop's own thread is the loop: two cheap calls instead of
+        # `asyncio.get_running_loop()`, which makes a getpid() system call each time.
+        if _get_ident() != self._thread or not self._loop.is_running():
             self.check()
         size = len(data)
         if size > self._max_record:
