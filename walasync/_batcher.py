@@ -93,6 +93,7 @@ class Batcher:
         self._timer: asyncio.Handle | None = None  # the next batch, scheduled
         self._idle = True  # no send scheduled, and the pipeline has room for one
         self._drained: asyncio.Future[None] | None = None  # set once closed and drained
+        store.pressed = lambda: len(self._flight) > 1  # read on the I/O thread
         self.next_lsn = store.next_lsn  # LSN of the next batch
         self.acked_lsn = self.next_lsn - 1  # highest LSN acknowledged to an appender
         self.synced_lsn = self.acked_lsn  # highest LSN known fdatasync'd

@@ -78,6 +78,13 @@ class FileIO:
         self.pwritev(fd, buffers, offset)
         self.fdatasync(fd)
 
+    def leaves_unwritten(self) -> bool:
+        """Whether `preallocate` only allocates (fallocate), so that a durable write into
+        the blocks costs more until they have been written once."""
+        cls = type(self)
+        own = cls.preallocate is FileIO.preallocate and cls.zero_fill is FileIO.zero_fill
+        return _FALLOCATE and own
+
     def zero_fill(self, fd: int, start: int, end: int) -> None:
         """Write zeros over [start, end)."""
         for pos in range(start, end, len(_ZEROS)):

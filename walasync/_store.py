@@ -10,18 +10,21 @@ the order of submission. Invariants:
   is half full (etcd keeps a spare file ready the same way), so a rotation costs a header
   write, a rename and two fsyncs, and writes never grow the file, which would make each
   fdatasync commit the file's size too.
+- With a real file system, `ZeroAhead` zeroes the blocks just ahead of the writer in the
+  last segment; every batch `claim`s its range first, so no zero lands on a record.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from . import _format as fmt
 from . import _segment as seg
 from ._io import FileIO
+from ._zeroing import ZeroAhead
 from .errors import LockedError
 
 __all__ = ("NotWritten", "Store", "StoreFailed")
@@ -61,6 +64,9 @@ class Store:
         self._unsynced: list[str] = []  # sealed segments never fdatasync'd (NONE mode)
         self._spare_pool = ThreadPoolExecutor(1, thread_name_prefix="walasync-prealloc")
         self._spare: Future[int] | None = None
+        self._zero = ZeroAhead(io, segment_size) if io.leaves_unwritten() else None
+        # Whether more batches wait behind the one being written (set by the batcher).
+        self.pressed: Callable[[], bool] = lambda: False
 
     @classmethod
     def open(cls, io: FileIO, path: str, segment_size: int, fsync: bool = True) -> Store:
@@ -113,6 +119,8 @@ class Store:
         # have. Make it durable before building on it or reporting it as last_lsn.
         self.io.fdatasync(self.fd)
         self.io.fsync_dir(self.path)
+        if self._zero is not None:
+            self._zero.use(path, self.end)
 
     def segment_path(self, first_lsn: int) -> str:
         return os.path.join(self.path, seg.segment_name(first_lsn))
@@ -147,11 +155,15 @@ class Store:
         if self.end + size > self.segment_size and self.end > fmt.SEGMENT_HEADER:
             self._rotate(first_lsn)
             head, body = fmt.encode_batch(first_lsn, records, self.salt)  # the new salt
+        if self._zero is not None:
+            self._zero.claim(self.end + size)
         if sync:
             self.io.write_durable(self.fd, (head, body), self.end)
         else:
             self.io.pwritev(self.fd, (head, body), self.end)
             self._dirty = True
+        if self._zero is not None and self.pressed():
+            self._zero.press()
         self.end += size
         self.next_lsn += len(records)
         if self._spare is None and self.end > self.segment_size // 2:
@@ -228,6 +240,8 @@ class Store:
         self.end = fmt.SEGMENT_HEADER
         self.next_lsn = first_lsn
         self._dirty = False
+        if self._zero is not None:
+            self._zero.use(self.segment_path(first_lsn), self.end)
 
     def _make_spare(self) -> int:
         """Create the spare file, preallocated to the segment size, durably."""
@@ -251,6 +265,8 @@ class Store:
             if self.fd >= 0 and sync and self.fsync:
                 self.sync()
         finally:
+            if self._zero is not None:
+                self._zero.stop()
             self._drop_spare()
             if self.fd >= 0:
                 self.io.close(self.fd)
