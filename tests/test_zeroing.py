@@ -39,7 +39,7 @@ class SlowZeros(FileIO):
 
 def _records(seed: int, count: int) -> list[bytes]:
     rng = random.Random(seed)
-    return [bytes([i % 251]) * rng.randrange(1, 40_000) for i in range(count)]
+    return [bytes([i % 251]) * rng.randrange(1, 30_000) for i in range(count)]
 
 
 async def _append_calmly(wal: walasync.Wal, records: list[bytes]) -> None:

@@ -32,6 +32,7 @@ import contextlib
 import errno
 from collections import deque
 from collections.abc import Awaitable
+from itertools import islice
 from threading import get_ident as _get_ident
 
 from ._options import Durability, Options
@@ -309,23 +310,25 @@ class Batcher:
         self._check_drained()
 
     def _resolve(self, futures: list[asyncio.Future[int] | None], first: int, start: int) -> None:
-        """Give acknowledged appenders their LSNs, `_CHUNK` at a time.
+        """Give acknowledged appenders their LSNs, `_CHUNK` appenders per loop pass.
 
         The appenders of one chunk run (and append again) before the next chunk is resolved,
         and their records go out as a batch of their own: the loop's work on the rest then
         overlaps that batch's write and fdatasync instead of waiting for it.
         """
-        end = start + _CHUNK
         lsn = first + start
-        for fut in futures[start:end]:
+        woken = 0
+        for fut in islice(futures, start, None):
             if fut is not None:
+                if woken == _CHUNK:
+                    self._loop.call_soon(self._resolve, futures, first, lsn - first)
+                    return
+                woken += 1
                 try:
                     fut.set_result(lsn)
                 except asyncio.InvalidStateError:  # its appender was cancelled
                     pass
             lsn += 1
-        if end < len(futures):
-            self._loop.call_soon(self._resolve, futures, first, end)
 
     def _check_drained(self) -> None:
         if (

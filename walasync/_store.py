@@ -30,6 +30,9 @@ from .errors import LockedError
 __all__ = ("NotWritten", "Store", "StoreFailed")
 
 LOCK_NAME = "LOCK"
+# Zeroing ahead pays for batches up to this size: a larger write gains less from written
+# blocks (1 MiB: 0.7 instead of 0.9 ms) than the zeros cost the disk.
+_SMALL_BATCH = 32 << 10
 
 
 class NotWritten(Exception):
@@ -162,7 +165,7 @@ class Store:
         else:
             self.io.pwritev(self.fd, (head, body), self.end)
             self._dirty = True
-        if self._zero is not None and self.pressed():
+        if self._zero is not None and (size > _SMALL_BATCH or self.pressed()):
             self._zero.press()
         self.end += size
         self.next_lsn += len(records)
