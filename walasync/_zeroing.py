@@ -69,9 +69,9 @@ class ZeroAhead:
                 self._cond.notify_all()
 
     def press(self) -> None:
-        """The writer finished a batch with the next one already waiting: the disk is the
-        bottleneck, and zeros would take its time from the batches. Zeroing pauses until
-        `CALM` seconds pass without this."""
+        """The disk is busy (a batch finished with the next one already waiting, or was
+        large): zeros would take its time from the batches. Zeroing pauses until `CALM`
+        seconds pass without this."""
         self._pressed_at = time.monotonic()
 
     def stop(self) -> None:
@@ -113,7 +113,7 @@ class ZeroAhead:
                             fd = -1
                         fd, fd_path = self._io.open(path), path
                     self._io.write_durable(fd, (_ZEROS[: hi - lo],), lo)
-                except OSError:
+                except Exception:  # an optimisation only: stop, and never block the writer
                     with self._cond:
                         self._busy = None
                         self._stopped = True
