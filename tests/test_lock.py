@@ -61,17 +61,22 @@ def subprocess_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{path}" if path else str(ROOT)}
 
 
-async def probe(log_dir: Path) -> str:
-    """What another process gets when it opens the log: "opened N" or an error type name."""
-    proc = await asyncio.create_subprocess_exec(
+async def spawn(script: str, log_dir: Path) -> asyncio.subprocess.Process:
+    """Run `script` on `log_dir` in another Python process, its output piped."""
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
-        PROBE,
+        script,
         str(log_dir),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env=subprocess_env(),
     )
+
+
+async def probe(log_dir: Path) -> str:
+    """What another process gets when it opens the log: "opened N" or an error type name."""
+    proc = await spawn(PROBE, log_dir)
     out, err = await asyncio.wait_for(proc.communicate(), WAIT)
     assert proc.returncode == 0, err.decode()
     assert not err, err.decode()
@@ -162,15 +167,7 @@ async def test_other_process_is_locked_out_until_close(log_dir: Path) -> None:
 
 
 async def test_sigkill_of_the_holder_releases_the_lock(log_dir: Path) -> None:
-    holder = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        HOLDER,
-        str(log_dir),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=subprocess_env(),
-    )
+    holder = await spawn(HOLDER, log_dir)
     assert holder.stdout is not None and holder.stderr is not None
     child = 0
     try:

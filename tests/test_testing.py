@@ -263,24 +263,27 @@ def sectors(data: bytes, length: int) -> list[bytes]:
     return [data[i : i + SECTOR] for i in range(0, length, SECTOR)]
 
 
-@pytest.mark.parametrize("seed", range(40))
-def test_prefix_keeps_a_prefix_of_the_unsynced_writes(seed: int) -> None:
+def scribbled(
+    seed: int,
+) -> tuple[random.Random, SimulatedDisk, bytes, list[tuple[int, bytes]]]:
+    """A file with random durable contents and random unsynced writes over it."""
     rng = random.Random(seed)
     disk = fresh()
     durable = rng.randbytes(rng.randint(0, 4 * SECTOR))
     fd = durable_file(disk, "/d/f", durable)
-    writes = scribble(disk, fd, rng)
+    return rng, disk, durable, scribble(disk, fd, rng)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_prefix_keeps_a_prefix_of_the_unsynced_writes(seed: int) -> None:
+    rng, disk, durable, writes = scribbled(seed)
     got = disk.crash("prefix", rng).files("/d")["f"]
     assert got in {apply(durable, writes[:k]) for k in range(len(writes) + 1)}
 
 
 @pytest.mark.parametrize("seed", range(40))
 def test_torn_keeps_a_prefix_then_leading_sectors_of_the_next_write(seed: int) -> None:
-    rng = random.Random(seed)
-    disk = fresh()
-    durable = rng.randbytes(rng.randint(0, 4 * SECTOR))
-    fd = durable_file(disk, "/d/f", durable)
-    writes = scribble(disk, fd, rng)
+    rng, disk, durable, writes = scribbled(seed)
     got = disk.crash("torn", rng).files("/d")["f"]
     allowed = set()
     for k, (offset, data) in enumerate(writes):
@@ -293,11 +296,7 @@ def test_torn_keeps_a_prefix_then_leading_sectors_of_the_next_write(seed: int) -
 
 @pytest.mark.parametrize("seed", range(40))
 def test_reorder_keeps_each_sector_old_or_new(seed: int) -> None:
-    rng = random.Random(seed)
-    disk = fresh()
-    durable = rng.randbytes(rng.randint(0, 4 * SECTOR))
-    fd = durable_file(disk, "/d/f", durable)
-    scribble(disk, fd, rng)
+    rng, disk, durable, _ = scribbled(seed)
     current = disk.files("/d")["f"]
     got = disk.crash("reorder", rng).files("/d")["f"]
     assert len(got) in {len(durable), len(current)}
