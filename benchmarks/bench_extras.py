@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import resource
 import statistics
 import subprocess
@@ -54,17 +55,25 @@ async def read_rate(path: str, records: int) -> None:
     print(f"read: {statistics.median(rates):,.0f} records/s ({count:,} records of 100 B)")
 
 
+def segment_count(path: str) -> int:
+    return sum(name.endswith(".wal") for name in os.listdir(path))
+
+
 async def open_time(path: str) -> None:
     async with walasync.open(path, segment_size=16 << 10) as wal:
         unit = [b"s" * 1000] * 10
-        while len(wal._store.segments) <= 1000:
-            await wal.append_many(unit)
+        while segment_count(path) <= 1000:
+            for _ in range(50):
+                await wal.append_many(unit)
     big = [b"a" * 4000] * 250  # about 1 MiB per call
+    frame = 24 + 4 * len(big) + sum(map(len, big))  # README, "On-disk format" (8-aligned)
+    segment = 64 << 20
+    fits = (segment - 32) // frame
     async with walasync.open(path) as wal:  # default 64 MiB segments from here on
-        sealed = len(wal._store.segments) - 1
-        while wal._store.end + 1_100_000 < wal._store.segment_size:
+        for _ in range(fits):  # the first one starts a 64 MiB segment
             await wal.append_many(big)
-        fill = wal._store.end / wal._store.segment_size
+    sealed = segment_count(path) - 1
+    fill = (32 + fits * frame) / segment
     times = []
     for _ in range(5):
         start = time.perf_counter()

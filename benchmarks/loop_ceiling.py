@@ -1,10 +1,10 @@
 """How fast can the event loop alone go? walasync's appends with the disk taken out.
 
-Three rates, side by side, for N coroutines appending 100-byte records in a loop:
+Two rates, side by side, for N coroutines appending 100-byte records in a loop:
 
-* ``walasync``: `await wal.append(rec)` with the store's `write_batch` replaced by a no-op,
-  so everything but the write runs: the loop-side cost of group commit.
-* ``batcher``: the same, calling the batcher's `put` directly (no `Wal.append` frame).
+* ``walasync``: `await wal.append(rec)` on an I/O layer (the public `walasync.FileIO` seam)
+  whose durable writes are no-ops, so everything but the write runs: the loop-side cost of
+  group commit.
 * ``floor``: no walasync at all: a coroutine awaiting a future that is resolved in bulk,
   once per loop pass: what asyncio costs per await.
 
@@ -21,10 +21,9 @@ import argparse
 import asyncio
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import walasync
-from walasync._store import Store
 
 RECORD = b"x" * 100
 
@@ -45,17 +44,17 @@ async def rate(n: int, duration: float, append: Callable[[bytes], Awaitable[obje
     return count / (time.perf_counter() - start)
 
 
-async def walasync_rates(n: int, duration: float) -> tuple[float, float]:
-    real = Store.write_batch
-    Store.write_batch = lambda self, first_lsn, records, sync: None  # type: ignore[method-assign]
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            async with walasync.open(tmp) as wal:
-                whole = await rate(n, duration, wal.append)
-                direct = await rate(n, duration, wal._batcher.put)
-    finally:
-        Store.write_batch = real  # type: ignore[method-assign]
-    return whole, direct
+class NoWrites(walasync.FileIO):
+    """An I/O layer whose durable writes (batches, and zeros written ahead) do nothing."""
+
+    def write_durable(self, fd: int, buffers: Sequence[bytes], offset: int) -> None:
+        pass
+
+
+async def walasync_rate(n: int, duration: float) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        async with walasync.open(tmp, io=NoWrites()) as wal:
+            return await rate(n, duration, wal.append)
 
 
 async def floor_rate(n: int, duration: float) -> float:
@@ -94,15 +93,15 @@ def main() -> None:
         new_loop: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     else:
         new_loop = asyncio.new_event_loop
-    print(f"{'N':>6} {'walasync':>12} {'batcher':>12} {'floor':>12}   (appends/s, {args.loop})")
+    print(f"{'N':>6} {'walasync':>12} {'floor':>12}   (appends/s, {args.loop})")
     for n in map(int, args.concurrency.split(",")):
         loop = new_loop()
         try:
-            whole, direct = loop.run_until_complete(walasync_rates(n, args.duration))
+            whole = loop.run_until_complete(walasync_rate(n, args.duration))
             floor = loop.run_until_complete(floor_rate(n, args.duration))
         finally:
             loop.close()
-        print(f"{n:>6} {whole:>12,.0f} {direct:>12,.0f} {floor:>12,.0f}")
+        print(f"{n:>6} {whole:>12,.0f} {floor:>12,.0f}")
 
 
 if __name__ == "__main__":

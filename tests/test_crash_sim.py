@@ -666,3 +666,40 @@ async def test_new_parent_directories_are_durable() -> None:
         assert await wal.append(b"acknowledged") == 1
     async with walasync.open("/srv/wal/log", io=disk.crash(), segment_size=4096) as wal:
         assert [r.data for r in await read_all(wal)] == [b"acknowledged"]
+
+
+@loops
+def test_a_lost_last_segment_is_never_silent_at_any_crash_point_of_rotation(loop: str) -> None:
+    """Recover each crash image of a rotating workload, then lose its last segment file:
+    the next open either reports the loss (CorruptionError naming the missing file) or
+    finds every LSN the log had, so that no acknowledged LSN is ever handed out again."""
+    opts = {"segment_size": 4096}
+
+    async def last_lsn(disk: SimulatedDisk) -> int:
+        async with walasync.open(LOG, io=disk, **opts) as wal:
+            return wal.last_lsn
+
+    async def main() -> tuple[int, int]:
+        session = Session(SimulatedDisk.from_files({}, dirs=[ROOT]), opts, ("drop", "torn"), 13)
+        await rotation(session)
+        session.stop()
+        reported = checked = 0
+        for image in distinct(session.images):
+            disk = image.disk.crash()
+            before = await last_lsn(disk)
+            names = sorted(n for n in disk.listdir(LOG) if n.endswith(".wal"))
+            if len(names) < 2:
+                continue
+            checked += 1
+            disk.unlink(posixpath.join(LOG, names[-1]))
+            try:
+                after = await last_lsn(disk)
+            except walasync.CorruptionError as exc:
+                assert exc.path == posixpath.join(LOG, names[-1]), f"{image}: {exc}"
+                reported += 1
+            else:
+                assert after >= before, f"{image}: LSNs {after + 1}..{before} would be reused"
+        return reported, checked
+
+    reported, checked = run(loop, main())
+    assert checked > 20 and reported > 0

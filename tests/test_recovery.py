@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 import walasync
 from walasync import CorruptionError, Record, UnsupportedFormatError
 from walasync import _format as fmt
+from walasync import _segment as seg
 
 SEGMENT = 4096
 OPTS: dict[str, Any] = small()
@@ -250,8 +251,33 @@ def resalt(segment: Path, victim: Frame, salt: int) -> None:
     write_at(segment, victim.offset, frame)
 
 
+def seal_end(segment: Path, end: int) -> int:
+    """`end`, or the end of the valid seal frame at `end` if the segment has one there."""
+    data = segment.read_bytes()
+    head = fmt.parse_seal_header(data, end) if end + fmt.BATCH_HEADER <= len(data) else None
+    if head is None:
+        return end
+    payload = data[end + fmt.BATCH_HEADER : end + head.size]
+    assert fmt.check_batch(head, payload, salt_of(data)), f"damaged seal at {end}"
+    return end + head.size
+
+
+def seal(segment: Path) -> None:
+    """Seal a segment as rotation does (its index, the file cut after it), for tests that
+    build the state a writer leaves between sealing a segment and writing the next one."""
+    data = segment.read_bytes()
+    end, next_lsn = data_end(segment)
+    index = seg.Index()
+    for f in frames(data, first_lsn_of(segment)):
+        index.add(f.first_lsn, f.offset)
+    frame = fmt.encode_seal(next_lsn, index.lsns, index.offsets, salt_of(data))
+    segment.write_bytes(data[:end] + frame)
+
+
 def check_zero_tail(segment: Path, end: int) -> None:
-    """Everything from `end` on is zeros (a repaired tail)."""
+    """Everything from `end` on (or from the end of a seal there) is zeros (a repaired
+    tail)."""
+    end = seal_end(segment, end)
     tail = segment.read_bytes()[end:]
     assert tail.count(0) == len(tail), f"non-zero byte at {end + len(tail.rstrip(bytes(1)))}"
 
@@ -625,7 +651,9 @@ async def test_crash_losing_the_page_with_a_batch_header_is_a_torn_tail(
     assert at % 8 == 0
     assert at >= SEGMENT
     assert frame[at - HEADER : at - HEADER + len(carried)] == carried
-    # The new segment as rotation installs it: header durable, zeros; then the crash.
+    # The new segment as rotation installs it: header durable, zeros, the first segment
+    # sealed; then the crash.
+    seal(first)
     new = first.with_name(f"{next_lsn:020d}.wal")
     new.write_bytes(fmt.encode_segment_header(next_lsn, salt) + bytes(SEGMENT - HEADER))
     write_at(new, SEGMENT, frame[SEGMENT - HEADER :])  # all but the first page
@@ -1000,3 +1028,107 @@ async def test_spare_alone_is_not_a_log(log_dir: Path) -> None:
         assert (wal.first_lsn, wal.last_lsn) == (1, 0)
         assert await wal.append(b"first") == 1
     assert await reopen_records(log_dir) == ([Record(1, b"first")], 1)
+
+
+# -- lost segments and sealing -----------------------------------------------------------------
+
+
+def listing(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir())
+
+
+@pytest.mark.parametrize("lost", [1, 2])
+async def test_lost_last_segments_fail_open_naming_the_missing_file(
+    log_dir: Path, lost: int
+) -> None:
+    records = datas(60, size=200)
+    await write_log(log_dir, records)
+    segments = segment_files(log_dir)
+    assert len(segments) > lost + 1
+    for gone in segments[-lost:]:
+        gone.unlink()
+    before = listing(log_dir)
+    exc = await open_fails(log_dir)
+    assert exc.path == str(segments[-lost])  # the first file missing after the sealed one
+    assert "missing" in str(exc)
+    assert listing(log_dir) == before  # nothing repaired or made
+
+
+async def test_every_segment_but_the_last_is_sealed_with_its_index(log_dir: Path) -> None:
+    records = datas(60, size=200)
+    await write_log(log_dir, records)
+    *sealed, last = segment_files(log_dir)
+    for segment in sealed:
+        end, next_lsn = data_end(segment)
+        data = segment.read_bytes()
+        assert seal_end(segment, end) == len(data)  # the file ends with its seal
+        head = fmt.parse_seal_header(data, end)
+        assert head is not None and head.first_lsn == next_lsn
+        lsns, offsets = fmt.decode_index(head, data[end + fmt.BATCH_HEADER :])
+        assert list(offsets)[:1] == [HEADER] and lsns[0] == first_lsn_of(segment)
+    assert seal_end(last, data_end(last)[0]) == data_end(last)[0]  # the last is open
+
+
+async def test_empty_segment_after_an_unsealed_one_is_dropped(log_dir: Path) -> None:
+    """A writer killed between creating a segment and sealing the one before it: the empty
+    segment goes, and the one before is the last again (and gets sealed when it fills)."""
+    records = datas(10, size=200)
+    await write_log(log_dir, records)
+    (first,) = segment_files(log_dir)
+    empty = first.with_name(f"{11:020d}.wal")
+    empty.write_bytes(fmt.encode_segment_header(11, 0x5EED) + bytes(SEGMENT - HEADER))
+    more = datas(20, size=200, seed=5)
+    async with walasync.open(log_dir, **OPTS) as wal:
+        assert not empty.exists()
+        assert wal.last_lsn == 10
+        await append_each(wal, more)
+    assert await reopen_records(log_dir) == (as_records(records + more), 30)
+    assert seal_end(first, data_end(first)[0]) == first.stat().st_size  # sealed at last
+
+
+async def test_empty_segment_after_a_sealed_one_is_kept(log_dir: Path) -> None:
+    records = datas(17, size=200)  # exactly one full segment
+    await write_log(log_dir, records)
+    (first,) = segment_files(log_dir)
+    seal(first)
+    empty = first.with_name(f"{18:020d}.wal")
+    empty.write_bytes(fmt.encode_segment_header(18, 0x5EED) + bytes(SEGMENT - HEADER))
+    async with walasync.open(log_dir, **OPTS) as wal:
+        assert wal.last_lsn == 17
+        assert await wal.append(b"next") == 18
+    assert empty.exists() and data_end(empty) == (HEADER + 32, 19)
+
+
+async def test_empty_segment_after_an_unsealed_one_with_a_gap_is_corruption(
+    log_dir: Path,
+) -> None:
+    records = datas(10, size=200)
+    await write_log(log_dir, records)
+    (first,) = segment_files(log_dir)
+    empty = first.with_name(f"{14:020d}.wal")  # records 11..13 lost
+    empty.write_bytes(fmt.encode_segment_header(14, 0x5EED) + bytes(SEGMENT - HEADER))
+    exc = await open_fails(log_dir)
+    assert exc.path == str(first)
+
+
+def as_format_1(segment: Path) -> None:
+    """Rewrite a segment's header as format 1 wrote it (no seal frames existed then)."""
+    data = bytearray(segment.read_bytes())
+    data[8:10] = (1).to_bytes(2, "little")
+    data[28:32] = crc32c(bytes(data[:28])).to_bytes(4, "little")
+    segment.write_bytes(bytes(data))
+
+
+async def test_format_1_logs_are_read_and_continued(log_dir: Path) -> None:
+    records = datas(40, size=200)
+    await write_log(log_dir, records)
+    segments = segment_files(log_dir)
+    for segment in segments:  # unsealed, as format 1 left them
+        end, _ = data_end(segment)
+        segment.write_bytes(segment.read_bytes()[:end])
+        as_format_1(segment)
+    more = datas(30, size=200, seed=9)
+    async with walasync.open(log_dir, **OPTS) as wal:
+        assert await read_all(wal, 5) == as_records(records[4:], 5)
+        await append_each(wal, more)  # rotates: seals the format 1 segment
+    assert await reopen_records(log_dir) == (as_records(records + more), 70)

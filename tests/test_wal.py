@@ -284,3 +284,148 @@ async def test_a_failed_read_is_a_wal_error_and_the_log_goes_on(log_dir: Path) -
         assert isinstance(info.value.__cause__, OSError)
         assert [r.data async for r in wal.read()] == [b"x"]
         assert await wal.append(b"y") == 2
+
+
+# -- every public method keeps the loop promise -------------------------------------------------
+
+
+async def _drain(wal: walasync.Wal) -> list[Record]:
+    return [r async for r in wal.read()]
+
+
+async def _append(wal: walasync.Wal) -> object:
+    return await wal.append(b"foreign")
+
+
+async def _append_many(wal: walasync.Wal) -> object:
+    return await wal.append_many([b"foreign"])
+
+
+async def _append_none(wal: walasync.Wal) -> object:
+    return await wal.append_many([])
+
+
+async def _sync(wal: walasync.Wal) -> object:
+    return await wal.sync()
+
+
+async def _close(wal: walasync.Wal) -> object:
+    return await wal.close()
+
+
+async def _context(wal: walasync.Wal) -> object:
+    async with wal:
+        return None
+
+
+FOREIGN = {
+    "append": _append,
+    "append_many": _append_many,
+    "append_many_empty": _append_none,
+    "read": _drain,
+    "sync": _sync,
+    "close": _close,
+    "async_with": _context,
+}
+
+
+class Appenders:
+    """Coroutines appending on the owner's loop until stopped; every append must succeed."""
+
+    def __init__(self, wal: walasync.Wal, n: int) -> None:
+        self.stop = False
+        self.acked: list[int] = []
+        self.tasks = [asyncio.ensure_future(self._run(wal)) for _ in range(n)]
+
+    async def _run(self, wal: walasync.Wal) -> None:
+        while not self.stop:
+            self.acked.append(await wal.append(b"owner"))
+
+    async def finish(self) -> None:
+        self.stop = True
+        await asyncio.gather(*self.tasks)  # raises if any append failed
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["idle", "busy"])
+@pytest.mark.parametrize("method", list(FOREIGN))
+async def test_every_method_from_another_thread_is_a_wrong_loop_error(
+    log_dir: Path, method: str, busy: bool
+) -> None:
+    async with walasync.open(log_dir) as wal:
+        await wal.append(b"first")
+        owner = Appenders(wal, 100 if busy else 0)
+        await asyncio.sleep(0.001)
+        with pytest.raises(WrongLoopError):
+            await asyncio.to_thread(asyncio.run, FOREIGN[method](wal))
+        assert not wal.closed and "open" in repr(wal)
+        await owner.finish()
+        assert await wal.append(b"after") == wal.last_lsn
+        await wal.sync()
+    assert wal.closed
+    assert sorted(owner.acked) == list(range(2, 2 + len(owner.acked)))
+    async with walasync.open(log_dir) as wal:
+        assert [r.data for r in await _drain(wal)] == [
+            b"first",
+            *[b"owner"] * len(owner.acked),
+            b"after",
+        ]
+
+
+@loops
+@pytest.mark.parametrize("method", list(FOREIGN))
+def test_every_method_from_another_loop_on_the_same_thread_is_typed(
+    loop: str, method: str, log_dir: Path
+) -> None:
+    own = LOOPS[loop]()
+    try:
+        wal = own.run_until_complete(walasync.open(log_dir))
+        own.run_until_complete(wal.append(b"a"))
+        with pytest.raises(WrongLoopError):  # `own` is not running: another loop is
+            run(loop, FOREIGN[method](wal))
+        assert own.run_until_complete(wal.append(b"c")) == 2
+        own.run_until_complete(wal.close())
+    finally:
+        own.close()
+
+
+def test_read_without_any_running_loop_is_typed(log_dir: Path) -> None:
+    own = asyncio.new_event_loop()
+    try:
+        wal = own.run_until_complete(walasync.open(log_dir))
+        with pytest.raises(WrongLoopError):
+            wal.read()
+        own.run_until_complete(wal.close())
+    finally:
+        own.close()
+
+
+# -- bad paths and full disks at open -------------------------------------------------------
+
+
+async def test_empty_path_is_a_value_error_and_creates_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="empty"):
+        walasync.open("")
+    with pytest.raises(ValueError, match="empty"):
+        walasync.open(b"".decode())
+    assert not segment_files(tmp_path) and not (tmp_path / "LOCK").exists()
+
+
+class NoRoomIO(FileIO):
+    """A disk with no room for a new file's blocks."""
+
+    def preallocate(self, fd: int, size: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+async def test_no_room_for_the_first_segment_is_a_disk_full_error(log_dir: Path) -> None:
+    with pytest.raises(walasync.DiskFullError) as info:
+        await walasync.open(log_dir, io=NoRoomIO())
+    assert isinstance(info.value.__cause__, OSError)
+    assert info.value.__cause__.errno == errno.ENOSPC
+    assert str(log_dir) in str(info.value)
+    assert not segment_files(log_dir)
+    async with walasync.open(log_dir) as wal:  # once there is room, it opens as new
+        assert await wal.append(b"x") == 1

@@ -6,6 +6,7 @@ async with walasync.open("data/orders.wal") as wal:
         ...
 """
 
+from ._io import FileIO as FileIO
 from ._options import Durability as Durability
 from ._options import Options as Options
 from ._reader import Record as Record
@@ -29,6 +30,7 @@ __all__ = (
     "CorruptionError",
     "DiskFullError",
     "Durability",
+    "FileIO",
     "LockedError",
     "Options",
     "Record",
@@ -40,6 +42,6 @@ __all__ = (
     "open",
 )
 
-for _name in ("Durability", "Options", "Record", "Wal"):
+for _name in ("Durability", "FileIO", "Options", "Record", "Wal"):
     globals()[_name].__module__ = "walasync"
 del _name

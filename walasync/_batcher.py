@@ -29,22 +29,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 from collections import deque
 from collections.abc import Awaitable
 from itertools import islice
 from threading import get_ident as _get_ident
 
+from ._appender import Appender, NotWritten
 from ._options import Durability, Options
-from ._store import NotWritten, Store
+from ._store import LastSegment, Store
 from ._worker import Worker
 from .errors import (
     BrokenLogError,
     ClosedError,
-    DiskFullError,
     RecordTooLargeError,
     WalError,
     WrongLoopError,
+    map_os_error,
 )
 
 __all__ = ("Batcher",)
@@ -57,13 +57,13 @@ _CHUNK = 128  # acknowledged appenders woken per loop pass (see `_resolve`)
 def _not_written(exc: NotWritten) -> WalError:
     """The error for the appenders of a batch that was not written at all."""
     cause = exc.__cause__
-    if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
-        err: WalError = DiskFullError(
-            f"no room for a new segment ({cause.strerror}); nothing of this append was "
-            "written, and the log takes appends again once space is freed"
+    if isinstance(cause, OSError):
+        return map_os_error(
+            cause,
+            "starting a new segment (nothing of this append was written; the log takes "
+            "appends again once the cause is gone)",
         )
-    else:
-        err = WalError(f"could not start a new segment ({cause!r}); nothing was written")
+    err = WalError(f"could not start a new segment ({cause!r}); nothing was written")
     err.__cause__ = cause
     return err
 
@@ -71,10 +71,16 @@ def _not_written(exc: NotWritten) -> WalError:
 class Batcher:
     """The pending queue, the batches in flight and the log's failure state."""
 
-    def __init__(self, store: Store, worker: Worker, options: Options) -> None:
+    def __init__(self, store: Store, last: LastSegment, worker: Worker, options: Options) -> None:
         self._loop = asyncio.get_running_loop()
         self._thread = _get_ident()
-        self._store = store
+        self.appender = Appender(
+            store,
+            last,
+            options.segment_size,
+            fsync=options.durability is not Durability.NONE,
+            pressed=lambda: len(self._flight) > 1,  # read on the I/O thread
+        )
         self._worker = worker
         self._fsync = options.durability is Durability.FSYNC
         self._max_record = options.max_record_size
@@ -94,8 +100,7 @@ class Batcher:
         self._timer: asyncio.Handle | None = None  # the next batch, scheduled
         self._idle = True  # no send scheduled, and the pipeline has room for one
         self._drained: asyncio.Future[None] | None = None  # set once closed and drained
-        store.pressed = lambda: len(self._flight) > 1  # read on the I/O thread
-        self.next_lsn = store.next_lsn  # LSN of the next batch
+        self.next_lsn = last.next_lsn  # LSN of the next batch
         self.acked_lsn = self.next_lsn - 1  # highest LSN acknowledged to an appender
         self.synced_lsn = self.acked_lsn  # highest LSN known fdatasync'd
         self.in_flight = 0  # records in the batches being written
@@ -163,12 +168,22 @@ class Batcher:
 
     def check(self) -> None:
         """Raise if the log cannot take appends now, or not from this event loop."""
+        self.check_loop()
         if self.failure is not None:
             raise self.broken()
         if self.closing:
             raise ClosedError("the log is closed")
-        if asyncio.get_running_loop() is not self._loop:
-            raise WrongLoopError("a Wal must be used from the event loop that opened it")
+
+    def check_loop(self) -> None:
+        """Raise `WrongLoopError` unless called from the event loop that opened the log."""
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not self._loop:
+            raise WrongLoopError(
+                "a Wal must be used from the event loop (and thread) that opened it"
+            )
 
     def _enqueue(self, records: bytes | list[bytes], size: int) -> asyncio.Future[int]:
         fut: asyncio.Future[int] = self._loop.create_future()
@@ -272,7 +287,7 @@ class Batcher:
         self._flight.append((first, futures))
         self._idle = len(self._flight) < _PIPELINE
         self._worker.submit(
-            self._loop, self._store.write_batch, (first, records, self._fsync), self._sent
+            self._loop, self.appender.write_batch, (first, records, self._fsync), self._sent
         )
 
     def _sent(self, _: object, exc: BaseException | None) -> None:
@@ -354,7 +369,7 @@ class Batcher:
         if self.synced_lsn < target:
             acked = self.acked_lsn
             try:
-                await self._worker.run(self._store.sync)
+                await self._worker.run(self.appender.sync)
             except Exception as exc:
                 self._fail(exc, [])
                 raise self.broken() from exc

@@ -26,6 +26,14 @@ A batch frame holds every record of one group commit:
       the records' bytes, concatenated
     zero padding to a multiple of 8 bytes
 
+A seal frame follows the last batch of a segment once the next segment exists (format 2):
+the same 24-byte header with SEAL_MAGIC, the count of index entries, and as first LSN the
+LSN the next segment starts with; its payload is the segment's sparse index, the first LSN
+of every batch that starts at least INDEX_INTERVAL bytes after the last indexed one
+(count x u64), then those batches' offsets (count x u64), then the count again (u64). The
+file is cut right after the seal, so its last 8 bytes give the seal's size. A sealed
+segment is never the last one of a healthy log: if it is, the segments after it were lost.
+
 One checksum per batch makes a batch all-or-nothing after a crash, which is what makes
 `append_many` atomic, and it costs one hardware CRC32C call per batch instead of one per
 record. Because the checksum covers the LSN and the length, stale bytes or a frame read at
@@ -49,22 +57,32 @@ __all__ = (
     "BATCH_HEADER",
     "BATCH_MAGIC",
     "FORMAT_VERSION",
+    "INDEX_INTERVAL",
+    "SEAL_MAGIC",
     "SEGMENT_HEADER",
     "SEGMENT_MAGIC",
     "BatchHeader",
     "FormatError",
     "SegmentHeader",
     "check_batch",
+    "decode_index",
     "decode_records",
     "decode_segment_header",
     "encode_batch",
+    "encode_seal",
     "encode_segment_header",
     "padded",
     "parse_batch_header",
+    "parse_seal_header",
+    "seal_count",
+    "seal_size",
 )
 
 SEGMENT_MAGIC = b"WALASYNC"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: no seal frames
+SEAL_MAGIC = 0x31534C57  # b"WLS1" little-endian
+INDEX_INTERVAL = 16 << 10  # bytes of batches between two entries of a segment's index
 SEGMENT_HEADER = 32
 BATCH_HEADER = 24
 BATCH_MAGIC = 0x31424C57  # b"WLB1" little-endian
@@ -73,10 +91,12 @@ MAX_PAYLOAD = 0xFFFFFFFF
 _SEG = struct.Struct("<8sHHIQI")  # magic, version, flags, salt, first LSN, reserved
 _SEG_CRC = struct.Struct("<I")
 _SALT = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
 _BATCH = struct.Struct("<IIIIQ")  # magic, crc, payload length, count, first LSN
 _FIELDS = struct.Struct("<IIQ")  # payload length, count, first LSN: what the CRC covers
 _U32 = array("I")
 assert _U32.itemsize == 4, "walasync needs a platform with a 4-byte C unsigned int"
+assert array("Q").itemsize == 8, "walasync needs a platform with an 8-byte C unsigned long long"
 _SWAP = sys.byteorder == "big"
 _PADS = tuple(bytes(n) for n in range(8))
 
@@ -130,7 +150,7 @@ def decode_segment_header(buf: bytes) -> SegmentHeader:
     (crc,) = _SEG_CRC.unpack_from(buf, _SEG.size)
     if crc != crc32c(buf[: _SEG.size]):
         raise FormatError("segment header checksum mismatch")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ValueError(version)
     return SegmentHeader(first_lsn, salt)
 
@@ -155,6 +175,49 @@ def parse_batch_header(buf: bytes | memoryview, offset: int = 0) -> BatchHeader 
     if magic != BATCH_MAGIC or count == 0 or count * 4 > length:
         return None
     return BatchHeader(crc, length, count, first_lsn)
+
+
+def parse_seal_header(buf: bytes | memoryview, offset: int = 0) -> BatchHeader | None:
+    """Decode a seal frame's header; None if it is not one. `first_lsn` is the LSN the next
+    segment starts with, `nrecords` the number of index entries."""
+    magic, crc, length, count, first_lsn = _BATCH.unpack_from(buf, offset)
+    if magic != SEAL_MAGIC or length != seal_size(count) - BATCH_HEADER:
+        return None
+    return BatchHeader(crc, length, count, first_lsn)
+
+
+def seal_size(count: int) -> int:
+    """Size of a whole seal frame whose index has `count` entries."""
+    return BATCH_HEADER + 16 * count + 8
+
+
+def seal_count(trailer: bytes) -> int:
+    """The index entry count stored in a seal frame's last 8 bytes."""
+    return int(_U64.unpack(trailer)[0])
+
+
+def encode_seal(next_lsn: int, lsns: array[int], offsets: array[int], salt: int) -> bytes:
+    """Encode a seal frame carrying the segment's index (two arrays of "Q", same length)."""
+    a, b = array("Q", lsns), array("Q", offsets)
+    if _SWAP:
+        a.byteswap()
+        b.byteswap()
+    body = a.tobytes() + b.tobytes() + _U64.pack(len(a))
+    fields = _FIELDS.pack(len(body), len(a), next_lsn)
+    crc = crc32c(body, crc32c(_SALT.pack(salt) + fields))
+    return _BATCH.pack(SEAL_MAGIC, crc, len(body), len(a), next_lsn) + body
+
+
+def decode_index(head: BatchHeader, payload: bytes) -> tuple[array[int], array[int]]:
+    """The (first LSNs, offsets) arrays of a checked seal frame's payload."""
+    half = 8 * head.nrecords
+    lsns, offsets = array("Q"), array("Q")
+    lsns.frombytes(payload[:half])
+    offsets.frombytes(payload[half : 2 * half])
+    if _SWAP:
+        lsns.byteswap()
+        offsets.byteswap()
+    return lsns, offsets
 
 
 def check_batch(head: BatchHeader, payload: bytes | memoryview, salt: int) -> bool:

@@ -10,15 +10,13 @@ batch is larger) at a time.
 from __future__ import annotations
 
 import asyncio
-import os
-from bisect import bisect_right
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from typing import Any, NamedTuple, TypeVar
 
 from . import _format as fmt
 from . import _segment as seg
-from ._io import FileIO
-from .errors import CorruptionError, WalError
+from ._store import Store
+from .errors import CorruptionError, WalError, map_os_error
 
 __all__ = ("Record", "read_records")
 
@@ -33,12 +31,27 @@ class Record(NamedTuple):
     data: bytes
 
 
-def _open_scan(io: FileIO, path: str, first_lsn: int, start: int) -> seg.Scan:
+def _open_scan(store: Store, first_lsn: int, start: int) -> seg.Scan:
+    """Open a segment and position a scan at the batch holding `start` (or just before:
+    the caller skips records below `start`), through the segment's index where one is
+    known, never by walking the segment from its start."""
+    io = store.io
+    path = store.segment_path(first_lsn)
     fd = io.open_read(path)
     try:
         salt = seg.read_header(io, fd, path, first_lsn)
         scan = seg.Scan(io, fd, path, salt, fmt.SEGMENT_HEADER, first_lsn)
         if start > first_lsn:
+            index = store.indexes.get(first_lsn)
+            if index is None:
+                seal = seg.read_seal(io, fd, salt)
+                if seal is not None:
+                    index = store.indexes.setdefault(first_lsn, seal.index)
+            found = index.find(start) if index is not None else None
+            if found is not None:
+                scan.seek(*found)
+            # The rest is at most INDEX_INTERVAL bytes of batches, or the whole segment if
+            # it has no index (written in format 1, or its seal is damaged).
             scan.skip_to(start)
     except BaseException:
         io.close(fd)
@@ -47,9 +60,10 @@ def _open_scan(io: FileIO, path: str, first_lsn: int, start: int) -> seg.Scan:
 
 
 async def read_records(
-    io: FileIO, directory: str, segments: Sequence[int], start: int, stop: int
+    store: Store, segments: tuple[int, ...], start: int, stop: int
 ) -> AsyncIterator[Record]:
-    """Yield the records with LSNs in [start, stop] from the segments listed.
+    """Yield the records with LSNs in [start, stop] from `segments`, a snapshot of the
+    store's segment list.
 
     Raises:
         CorruptionError: a batch up to `stop` is invalid, or the LSNs have a gap.
@@ -62,15 +76,15 @@ async def read_records(
             return await loop.run_in_executor(None, fn, *args)
         except WalError:
             raise
-        except OSError as exc:  # the boundary for reads: OSError becomes WalError
-            raise WalError(f"reading {directory}: {exc}") from exc
+        except OSError as exc:
+            raise map_os_error(exc, f"reading {store.path}") from exc
 
-    index = max(bisect_right(segments, start) - 1, 0)
+    index = store.locate(start, segments)
     start = max(start, segments[0]) if segments else start
     while index < len(segments) and start <= stop:
         first = segments[index]
-        path = os.path.join(directory, seg.segment_name(first))
-        scan = await run(_open_scan, io, path, first, start)
+        scan = await run(_open_scan, store, first, start)
+        path = scan.path
         try:
             while start <= stop:
                 batches = await run(scan.batches, CHUNK)
@@ -94,12 +108,13 @@ async def read_records(
                 if scan.end is not None:
                     break
         finally:
-            await run(io.close, scan.fd)
+            await run(store.io.close, scan.fd)
         if start > stop:
             return
         index += 1
         follows = segments[index] if index < len(segments) else None
-        if scan.end == "invalid" or follows != scan.next_lsn:
+        # Invalid bytes after all of a segment's records are a torn seal: harmless.
+        if follows != scan.next_lsn:
             what = (
                 "an invalid batch"
                 if scan.end == "invalid"

@@ -15,6 +15,9 @@ from __future__ import annotations
 import os
 import random
 import re
+from array import array
+from bisect import bisect_right
+from dataclasses import dataclass
 
 from . import _format as fmt
 from ._io import FileIO
@@ -22,11 +25,14 @@ from .errors import CorruptionError, UnsupportedFormatError
 
 __all__ = (
     "SPARE_NAME",
+    "Index",
     "Scan",
+    "Tail",
     "install",
     "parse_name",
     "read_header",
-    "recover_tail",
+    "repair_tail",
+    "scan_tail",
     "segment_name",
 )
 
@@ -34,6 +40,7 @@ SPARE_NAME = "spare.tmp"
 _NAME = re.compile(r"([0-9]{20})\.wal")
 _salts = random.Random()
 _CHUNK = 1 << 20
+_SKIP_CHUNK = 64 << 10
 _ZEROS = bytes(_CHUNK)
 
 
@@ -75,8 +82,9 @@ class Scan:
     """Walks the valid batches of one open segment, in order, from a given offset.
 
     After a call, `offset` is where the next batch would start, `next_lsn` the LSN it
-    must carry, and `end` says why walking stopped: None (more may follow), "eof", "zeros"
-    or "invalid" (the bytes at `offset` are not the batch that must come next).
+    must carry, and `end` says why walking stopped: None (more may follow), "eof", "zeros",
+    "sealed" (a valid seal frame is at `offset`; its index is in `index`) or "invalid"
+    (the bytes at `offset` are not the batch that must come next).
     """
 
     def __init__(
@@ -89,6 +97,8 @@ class Scan:
         self.offset = offset
         self.next_lsn = next_lsn
         self.end: str | None = None
+        self.index: Index | None = None  # from the seal frame, once end == "sealed"
+        self.seal_size = 0
         self.file_size = io.size(fd)
 
     def batches(self, max_bytes: int = _CHUNK) -> list[tuple[int, fmt.BatchHeader, bytes]]:
@@ -129,24 +139,38 @@ class Scan:
             self.next_lsn += head.nrecords
         return out
 
+    def seek(self, offset: int, lsn: int) -> None:
+        """Continue from the batch at `offset`, which starts with `lsn` (from an index)."""
+        self.offset, self.next_lsn = offset, lsn
+
     def skip_to(self, lsn: int) -> None:
-        """Move forward, reading headers only, to the batch that holds `lsn`."""
+        """Move forward to the batch that holds `lsn`, reading headers only (payloads are
+        neither read nor checked, so a damaged batch before `lsn` does not stop a read
+        that starts after it)."""
         while self.end is None and self.offset < self.file_size:
-            buf = self.io.pread(self.fd, fmt.BATCH_HEADER, self.offset)
-            if len(buf) < fmt.BATCH_HEADER:
+            want = min(_SKIP_CHUNK, self.file_size - self.offset)
+            buf = self.io.pread(self.fd, want, self.offset)
+            pos = 0
+            while pos + fmt.BATCH_HEADER <= len(buf):
+                head = self._header(buf, pos)
+                if head is None or head.first_lsn + head.nrecords > lsn:
+                    return
+                pos += head.size
+                self.offset += head.size
+                self.next_lsn += head.nrecords
+            if pos == 0:
                 return
-            head = self._header(buf, 0)
-            if head is None or head.first_lsn + head.nrecords > lsn:
-                return
-            self.offset += head.size
-            self.next_lsn += head.nrecords
 
     def _header(self, buf: bytes, pos: int) -> fmt.BatchHeader | None:
         """The header at `pos` if it is that of the batch that must come next; else None
         with `end` set."""
         head = fmt.parse_batch_header(buf, pos)
         if head is None:
-            self.end = _stop_reason(buf[pos : pos + fmt.BATCH_HEADER])
+            seal = fmt.parse_seal_header(buf, pos)
+            if seal is not None:
+                self._seal(seal, buf, pos)
+            else:
+                self.end = _stop_reason(buf[pos : pos + fmt.BATCH_HEADER])
         elif (
             head.first_lsn != self.next_lsn
             or self.offset + fmt.BATCH_HEADER + head.length > self.file_size
@@ -155,37 +179,126 @@ class Scan:
             head = None
         return head
 
+    def _seal(self, head: fmt.BatchHeader, buf: bytes, pos: int) -> None:
+        """Check the seal frame at `pos` of `buf` (the file's `offset`) and end the walk."""
+        self.end = "invalid"
+        if head.first_lsn != self.next_lsn or self.offset + head.size > self.file_size:
+            return
+        start = pos + fmt.BATCH_HEADER
+        payload = buf[start : start + head.length]
+        if len(payload) < head.length:
+            payload = self.io.pread(self.fd, head.length, self.offset + fmt.BATCH_HEADER)
+        if fmt.check_batch(head, payload, self.salt):
+            self.end = "sealed"
+            self.index = Index(*fmt.decode_index(head, payload))
+            self.seal_size = head.size
+
+
+class Index:
+    """A segment's sparse index: the first LSN and offset of a batch every
+    `fmt.INDEX_INTERVAL` bytes, ascending. Appended to by the writer (on its thread) while
+    readers search it: entries are only added at the end, or cut by `truncate`."""
+
+    __slots__ = ("lsns", "offsets")
+
+    def __init__(self, lsns: array[int] | None = None, offsets: array[int] | None = None) -> None:
+        self.lsns = array("Q") if lsns is None else lsns
+        self.offsets = array("Q") if offsets is None else offsets
+
+    def add(self, lsn: int, offset: int) -> None:
+        """Note the batch at `offset` (starting with `lsn`) if it is far enough from the
+        last entry."""
+        offsets = self.offsets
+        if not offsets or offset - offsets[-1] >= fmt.INDEX_INTERVAL:
+            self.lsns.append(lsn)
+            offsets.append(offset)
+
+    def find(self, lsn: int) -> tuple[int, int] | None:
+        """(offset, first LSN) of the last indexed batch starting at or before `lsn`."""
+        i = bisect_right(self.lsns, lsn) - 1
+        if i < 0:
+            return None
+        return self.offsets[i], self.lsns[i]
+
+    def truncate(self, lsn: int) -> None:
+        """Drop the entries of batches that start after `lsn`."""
+        i = bisect_right(self.lsns, lsn)
+        del self.lsns[i:]
+        del self.offsets[i:]
+
 
 def _stop_reason(raw: bytes) -> str:
     return "invalid" if raw.strip(b"\0") else "zeros"
 
 
-def recover_tail(io: FileIO, fd: int, path: str, first_lsn: int, salt: int) -> tuple[int, int]:
-    """Find the end of the last segment's valid data and zero a torn tail.
+@dataclass
+class Seal:
+    """A valid seal frame found at the end of a segment file."""
 
-    Returns (end offset, next LSN). Everything from the end offset on is zeros once this
-    returns, so a later crash cannot mistake old bytes for new ones.
+    offset: int  # where the seal starts: the end of the segment's data
+    next_lsn: int  # the LSN the next segment starts with
+    index: Index
+
+
+def read_seal(io: FileIO, fd: int, salt: int) -> Seal | None:
+    """The seal at the very end of a segment file, if it has a valid one (two reads, no
+    walk: a sealed segment's file ends with its seal)."""
+    size = io.size(fd)
+    if size < fmt.SEGMENT_HEADER + fmt.seal_size(0):
+        return None
+    count = fmt.seal_count(io.pread(fd, 8, size - 8))
+    start = size - fmt.seal_size(count)
+    if count > size or start < fmt.SEGMENT_HEADER:
+        return None
+    frame = io.pread(fd, size - start, start)
+    head = fmt.parse_seal_header(frame)
+    if head is None or not fmt.check_batch(head, frame[fmt.BATCH_HEADER :], salt):
+        return None
+    return Seal(start, head.first_lsn, Index(*fmt.decode_index(head, frame[fmt.BATCH_HEADER :])))
+
+
+@dataclass
+class Tail:
+    """What `scan_tail` found at the end of a segment's data."""
+
+    end: int  # offset just past the last valid batch
+    next_lsn: int  # the LSN the next batch must carry
+    index: Index  # of the segment's batches
+    sealed: bool  # a valid seal frame follows the last batch
+    junk: int  # offset just past the last non-zero byte after the data (or the seal)
+    corrupt: int | None  # offset of a valid batch beyond invalid bytes (data lost), if any
+
+
+def scan_tail(io: FileIO, fd: int, path: str, first_lsn: int, salt: int) -> Tail:
+    """Walk a segment to the end of its valid data, without changing the file."""
+    scan = Scan(io, fd, path, salt, fmt.SEGMENT_HEADER, first_lsn)
+    index = Index()
+    while scan.end is None:
+        for offset, head, _ in scan.batches(8 * _CHUNK):
+            index.add(head.first_lsn, offset)
+    end = scan.offset
+    after = end + scan.seal_size
+    junk = _last_nonzero(io, fd, after, scan.file_size)
+    corrupt = _valid_batch_after(scan, after, junk) if junk > after else None
+    return Tail(end, scan.next_lsn, index, scan.end == "sealed", junk, corrupt)
+
+
+def repair_tail(io: FileIO, fd: int, path: str, tail: Tail) -> None:
+    """Zero a torn tail, so that a later crash cannot mistake its bytes for new ones.
 
     Raises:
         CorruptionError: a valid batch lies beyond invalid bytes (acknowledged data lost).
     """
-    scan = Scan(io, fd, path, salt, fmt.SEGMENT_HEADER, first_lsn)
-    while scan.end is None:
-        scan.batches(8 * _CHUNK)
-    end = scan.offset
-    last_nonzero = _last_nonzero(io, fd, end, scan.file_size)
-    if last_nonzero > end:
-        later = _valid_batch_after(scan, end, last_nonzero)
-        if later is not None:
-            raise CorruptionError(
-                path,
-                end,
-                f"invalid bytes before a valid batch at offset {later}: "
-                "acknowledged records are missing",
-            )
-        io.zero_fill(fd, end, last_nonzero)
+    if tail.corrupt is not None:
+        raise CorruptionError(
+            path,
+            tail.end,
+            f"invalid bytes before a valid batch at offset {tail.corrupt}: "
+            "acknowledged records are missing",
+        )
+    if tail.junk > tail.end and not tail.sealed:
+        io.zero_fill(fd, tail.end, tail.junk)
         io.fdatasync(fd)
-    return end, scan.next_lsn
 
 
 def _last_nonzero(io: FileIO, fd: int, start: int, stop: int) -> int:
@@ -230,6 +343,23 @@ def _is_batch_at(scan: Scan, offset: int) -> bool:
         return False
     payload = scan.io.pread(scan.fd, head.length, offset + fmt.BATCH_HEADER)
     return fmt.check_batch(head, payload, scan.salt)
+
+
+def make_spare(io: FileIO, directory: str, size: int) -> int:
+    """Create the spare file (the next segment), preallocated to `size` bytes, durably.
+
+    Preallocation is one fallocate or one ftruncate (see `FileIO.preallocate`), so a
+    writer killed meanwhile leaves no half-made spare to finish: recovery removes it.
+    """
+    fd = io.open(os.path.join(directory, SPARE_NAME), create=True)
+    try:
+        io.truncate(fd, 0)
+        io.preallocate(fd, size)
+        io.fdatasync(fd)
+    except BaseException:
+        io.close(fd)
+        raise
+    return fd
 
 
 def install(io: FileIO, fd: int, spare_path: str, directory: str, first_lsn: int) -> int:

@@ -1,6 +1,6 @@
-"""`Wal`, the open log: ties the store, the batcher and the reader together.
+"""`Wal`, the open log: ties the catalogue, the batcher and the reader together.
 
-This is also the one boundary where `OSError`s become walasync's errors (failures of a
+`OSError`s become walasync's errors through `errors.map_os_error` only (failures of a
 write or fdatasync become `BrokenLogError` in the batcher, which owns that state).
 """
 
@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import warnings
 from collections.abc import AsyncIterator, Generator, Iterable, Iterator
 from types import TracebackType
 from typing import Any
 
+from ._appender import Appender
 from ._batcher import Batcher
 from ._io import FileIO
 from ._options import Durability, Options
 from ._reader import Record, read_records
-from ._store import Store
+from ._store import LastSegment, Store
 from ._worker import Worker
-from .errors import ClosedError, WalError
+from .errors import ClosedError, WalError, map_os_error
 
 __all__ = ("Wal", "open")
 
@@ -42,7 +44,33 @@ def _os_errors(what: str) -> Iterator[None]:
     except WalError:
         raise
     except OSError as exc:
-        raise WalError(f"{what}: {exc}") from exc
+        raise map_os_error(exc, what) from exc
+
+
+def _open_files(io: FileIO, path: str, options: Options) -> tuple[Store, LastSegment]:
+    """Lock and recover the log (on the I/O thread)."""
+    store = Store.open(io, path)
+    try:
+        return store, store.recover(options.segment_size)
+    except BaseException:
+        store.close()
+        raise
+
+
+def _release(appender: Appender, store: Store, sync: bool = False) -> None:
+    """Close the writer's files, then release the lock (on the I/O thread)."""
+    try:
+        appender.close(sync)
+    finally:
+        store.close()
+
+
+def _close_files(store: Store, last: LastSegment) -> None:
+    """Undo `_open_files` for a log that never became a `Wal`."""
+    try:
+        store.io.close(last.fd)
+    finally:
+        store.close()
 
 
 class Wal:
@@ -52,12 +80,14 @@ class Wal:
     (in the default durability mode); `read` streams records back in LSN order.
     """
 
-    def __init__(self, store: Store, worker: Worker, options: Options, io: FileIO) -> None:
+    def __init__(
+        self, store: Store, last: LastSegment, worker: Worker, options: Options, io: FileIO
+    ) -> None:
         self._store = store
         self._worker = worker
         self._io = io
         self.options = options
-        self._batcher = Batcher(store, worker, options)
+        self._batcher = Batcher(store, last, worker, options)
         self._put = self._batcher.put  # bound once: `append` is the hot path
         self._closer: asyncio.Future[None] | None = None
         self._closed = False
@@ -109,9 +139,9 @@ class Wal:
         Returns the range of their LSNs. Their total size counts against
         `max_record_size`. Raises as `append` does.
         """
+        self._batcher.check()
         datas = [d if type(d) is bytes else _as_bytes(d) for d in records]
         if not datas:
-            self._batcher.check()
             nxt = self._batcher.next_lsn + self._batcher.pending
             return range(nxt, nxt)
         first = await self._batcher.put_many(datas)
@@ -124,10 +154,16 @@ class Wal:
         iteration sees every record acknowledged before it, and none after. It streams in
         bounded memory and may run while appends continue.
 
+        Raises:
+            ValueError: `start` is below 1.
+            ClosedError: the log is closed.
+            WrongLoopError: called from another event loop or thread.
+
         Raises (during iteration):
             CorruptionError: an invalid batch or a gap in the LSNs, naming file and offset.
             WalError: a read failed.
         """
+        self._batcher.check_loop()
         if self.closed:
             raise ClosedError("the log is closed")
         first = self.first_lsn
@@ -135,8 +171,7 @@ class Wal:
         if start < 1:
             raise ValueError(f"start must be >= 1, not {start}")
         stop = self.last_lsn if end is None else min(end, self.last_lsn)
-        segments = list(self._store.segments)
-        return read_records(self._io, self.path, segments, max(start, first), stop)
+        return read_records(self._store, self._store.snapshot(), max(start, first), stop)
 
     async def sync(self) -> None:
         """Return once everything appended so far is fdatasync'd (for the relaxed modes).
@@ -144,7 +179,9 @@ class Wal:
         Raises:
             ClosedError: the log is closed.
             BrokenLogError: the fdatasync failed; reopen the log.
+            WrongLoopError: called from another event loop or thread.
         """
+        self._batcher.check_loop()
         if self.closed:
             raise ClosedError("the log is closed")
         await self._batcher.sync()
@@ -153,7 +190,11 @@ class Wal:
         """Write out every queued append, then release the files and the lock.
 
         Idempotent; shielded, so cancelling the caller does not interrupt the closing.
+
+        Raises:
+            WrongLoopError: called from another event loop or thread (the log stays open).
         """
+        self._batcher.check_loop()
         if self._closer is None:
             self._closer = asyncio.ensure_future(self._close())
         await asyncio.shield(self._closer)
@@ -165,10 +206,13 @@ class Wal:
             healthy = self._batcher.failure is None
             try:
                 with _os_errors(f"closing {self.path}"):
-                    await self._worker.run(self._store.close, healthy)
+                    await self._worker.run(self._close_files, healthy)
             finally:
                 self._worker.stop()
                 self._closed = True
+
+    def _close_files(self, sync: bool) -> None:
+        _release(self._batcher.appender, self._store, sync)
 
     async def __aenter__(self) -> Wal:
         return self
@@ -185,8 +229,7 @@ class Wal:
         if getattr(self, "_closer", 1) is None:
             _warn(f"unclosed {self!r}", ResourceWarning, source=self)
             self._batcher.abandon()
-            store = self._store
-            self._worker.stop(lambda: store.close(False))
+            self._worker.stop(functools.partial(_release, self._batcher.appender, self._store))
 
     def __repr__(self) -> str:
         b = self._batcher
@@ -231,36 +274,59 @@ class _Opener:
     async def _open(self) -> Wal:
         opts = self._options
         worker = Worker(f"walasync-io {os.path.basename(self._path)}")
-        fsync = opts.durability is not Durability.NONE
-        fut = worker.run(Store.open, self._io, self._path, opts.segment_size, fsync)
+        fut = worker.run(_open_files, self._io, self._path, opts)
         try:
             with _os_errors(f"opening {self._path}"):
-                store = await asyncio.shield(fut)
+                store, last = await asyncio.shield(fut)
         except asyncio.CancelledError:
-            # Store.open may still succeed on the thread: close what it opened.
+            # The opening may still succeed on the thread: close what it opened.
             fut.add_done_callback(
                 lambda f: worker.stop(
-                    None if f.cancelled() or f.exception() else lambda: f.result().close(False)
+                    None if f.cancelled() or f.exception() else lambda: _close_files(*f.result())
                 )
             )
             raise
         except BaseException:
             worker.stop()
             raise
-        return Wal(store, worker, opts, self._io)
+        return Wal(store, last, worker, opts, self._io)
 
 
-def open(path: str | os.PathLike[str], *, io: FileIO | None = None, **options: Any) -> _Opener:
+def open(
+    path: str | os.PathLike[str],
+    *,
+    io: FileIO | None = None,
+    durability: Durability | str = Options.durability,
+    segment_size: int = Options.segment_size,
+    max_record_size: int = Options.max_record_size,
+    max_batch_bytes: int = Options.max_batch_bytes,
+    max_batch_delay: float = Options.max_batch_delay,
+    max_pending_bytes: int = Options.max_pending_bytes,
+    sync_interval: float = Options.sync_interval,
+) -> _Opener:
     """Open (creating if needed) the log in directory `path`, lock it and recover it.
 
     Use `wal = await walasync.open(path)` or `async with walasync.open(path) as wal:`.
-    Options are those of `walasync.Options` (durability, segment_size, max_record_size,
-    max_batch_bytes, max_batch_delay, max_pending_bytes, sync_interval). `io` swaps the
-    I/O layer, for fault injection in tests.
+    The options are those of `walasync.Options` (see README.md, "Options"). `io` swaps the
+    I/O layer (`walasync.FileIO` or a subclass), to observe or inject faults in tests.
 
     Raises:
+        ValueError: `path` is empty, or an option is out of range.
         LockedError: another `Wal`, in this process or another, has the log open.
-        CorruptionError: the last segment is damaged beyond a torn tail.
+        CorruptionError: the last segment is damaged beyond a torn tail, or segments are
+            missing after it.
+        DiskFullError: the disk has no room for the first segment.
         WalError: the directory cannot be created, opened or locked.
     """
-    return _Opener(path, Options(**options), io or FileIO())
+    if not os.fspath(path):
+        raise ValueError("a log path must not be empty (use '.' for the current directory)")
+    options = Options(
+        durability=Durability(durability),
+        segment_size=segment_size,
+        max_record_size=max_record_size,
+        max_batch_bytes=max_batch_bytes,
+        max_batch_delay=max_batch_delay,
+        max_pending_bytes=max_pending_bytes,
+        sync_interval=sync_interval,
+    )
+    return _Opener(path, options, io or FileIO())

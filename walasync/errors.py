@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 __all__ = (
     "BrokenLogError",
     "ClosedError",
@@ -46,10 +48,11 @@ class BrokenLogError(WalError):
 
 
 class DiskFullError(WalError):
-    """A batch needed a new segment and the disk had no room for it (ENOSPC or EDQUOT).
+    """The disk had no room (ENOSPC or EDQUOT) for a new segment or file.
 
-    Nothing of that batch was written and the log stays open: later appends succeed once
-    space is freed. The `OSError` is the cause.
+    When a batch needed a new segment, nothing of that batch was written and the log stays
+    open: later appends succeed once space is freed. At open, the log was not opened. The
+    `OSError` is the cause.
     """
 
 
@@ -73,6 +76,18 @@ class CorruptionError(WalError):
 
 class UnsupportedFormatError(CorruptionError):
     """A segment was written in a format version this walasync cannot read."""
+
+
+def map_os_error(exc: OSError, what: str) -> WalError:
+    """The walasync error for an `OSError` met while doing `what`, chained to it: the one
+    boundary where system errors become ours (a full disk is `DiskFullError`)."""
+    err: WalError
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        err = DiskFullError(f"{what}: no room on the disk ({exc.strerror})")
+    else:
+        err = WalError(f"{what}: {exc}")
+    err.__cause__ = exc
+    return err
 
 
 for _name in __all__:
