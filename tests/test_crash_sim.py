@@ -703,3 +703,78 @@ def test_a_lost_last_segment_is_never_silent_at_any_crash_point_of_rotation(loop
 
     reported, checked = run(loop, main())
     assert checked > 20 and reported > 0
+
+
+# -- truncation ----------------------------------------------------------------------------------
+
+
+class CutSession(Session):
+    """A session that also records, for each image, the truncation it must show at least
+    (the last `truncate_front` that returned) and at most (the last one begun)."""
+
+    def __init__(self, disk: SimulatedDisk, opts: dict[str, Any], seed: int) -> None:
+        super().__init__(disk, opts, ("drop", "torn", "reorder"), seed)
+        self.cut_done = 1
+        self.cut_begun = 1
+        self.cuts: list[tuple[int, int]] = []  # per image: (done, begun)
+
+    def _capture(self, step: int, op: str) -> None:
+        before = len(self.images)
+        super()._capture(step, op)
+        self.cuts += [(self.cut_done, self.cut_begun)] * (len(self.images) - before)
+
+    async def truncate_front(self, wal: walasync.Wal, lsn: int) -> None:
+        self.cut_begun = max(self.cut_begun, lsn)
+        await wal.truncate_front(lsn)
+        self.cut_done = max(self.cut_done, lsn)
+
+
+async def truncating(s: CutSession) -> None:
+    rng = random.Random(6)
+    async with await s.open() as wal:
+        for phase in range(3):
+
+            async def appender(i: int, phase: int = phase) -> None:
+                for j in range(rng.randint(2, 5)):
+                    data = payload(f"t{phase}.{i}.{j}", rng.randint(50, 900), rng)
+                    assert await s.append(wal, data)
+
+            await asyncio.gather(*(appender(i) for i in range(4)))
+            await s.truncate_front(wal, rng.randint(wal.first_lsn, wal.last_lsn))
+        await s.truncate_front(wal, wal.last_lsn + 1)  # everything
+        assert await s.append(wal, b"after everything")
+
+
+@loops
+def test_crash_at_every_step_of_truncate_front(loop: str) -> None:
+    """No crash brings a truncated record back once truncate_front returned, none at or
+    above the cut is lost, and first_lsn never passes a cut that was not asked for."""
+    opts = {"segment_size": 4096}
+
+    async def check(image: Image, cut: tuple[int, int], history: History) -> None:
+        done, begun = cut
+        async with walasync.open(LOG, io=image.disk.crash(), **opts) as wal:
+            first, last = wal.first_lsn, wal.last_lsn
+            assert done <= first <= begun, f"first_lsn {first} outside {done}..{begun}"
+            records = [r async for r in wal.read()]
+            if first > 1:
+                with pytest.raises(walasync.TruncatedError):
+                    wal.read(first - 1)
+        assert last >= image.floor, f"acknowledged LSN {image.floor} lost (last {last})"
+        assert [r.lsn for r in records] == list(range(first, last + 1))
+        for lsn, data in records:
+            assert data == history.records[lsn], f"LSN {lsn} holds other bytes"
+
+    async def main() -> int:
+        session = CutSession(SimulatedDisk.from_files({}, dirs=[ROOT]), opts, 21)
+        await truncating(session)
+        session.stop()
+        failures = []
+        for image, cut in zip(session.images, session.cuts, strict=True):
+            error = await failure_of(check(image, cut, session.history))
+            if error is not None:
+                failures.append(f"{image}: {error}")
+        assert not failures, "\n".join(failures[:SHOW])
+        return len(session.images)
+
+    assert run(loop, main()) > 100

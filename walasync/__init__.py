@@ -10,6 +10,7 @@ from ._io import FileIO as FileIO
 from ._options import Durability as Durability
 from ._options import Options as Options
 from ._reader import Record as Record
+from ._store import SegmentInfo as SegmentInfo
 from ._wal import Wal as Wal
 from ._wal import open as open
 from .errors import BrokenLogError as BrokenLogError
@@ -18,6 +19,7 @@ from .errors import CorruptionError as CorruptionError
 from .errors import DiskFullError as DiskFullError
 from .errors import LockedError as LockedError
 from .errors import RecordTooLargeError as RecordTooLargeError
+from .errors import TruncatedError as TruncatedError
 from .errors import UnsupportedFormatError as UnsupportedFormatError
 from .errors import WalError as WalError
 from .errors import WrongLoopError as WrongLoopError
@@ -35,6 +37,8 @@ __all__ = (
     "Options",
     "Record",
     "RecordTooLargeError",
+    "SegmentInfo",
+    "TruncatedError",
     "UnsupportedFormatError",
     "Wal",
     "WalError",
@@ -42,6 +46,6 @@ __all__ = (
     "open",
 )
 
-for _name in ("Durability", "FileIO", "Options", "Record", "Wal"):
+for _name in ("Durability", "FileIO", "Options", "Record", "SegmentInfo", "Wal"):
     globals()[_name].__module__ = "walasync"
 del _name

@@ -71,6 +71,7 @@ class Appender:
         self.end = last.end  # where the next batch goes
         self.next_lsn = last.next_lsn
         self.index = last.index
+        self.rotations = 0  # segments started by this writer
         self._dirty = False  # written since the last fdatasync of the last segment
         self.failed: BaseException | None = None  # the write or fdatasync that failed
         self._refused: BaseException | None = None  # why the last batch was NotWritten
@@ -199,6 +200,7 @@ class Appender:
         self.next_lsn = first_lsn
         self.index = seg.Index()
         self.store.add(first_lsn, self.index)
+        self.rotations += 1
         self._dirty = False
         if self._zero is not None:
             self._zero.use(self.store.segment_path(first_lsn), self.end)

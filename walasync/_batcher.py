@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from itertools import islice
 from threading import get_ident as _get_ident
 
@@ -71,7 +71,14 @@ def _not_written(exc: NotWritten) -> WalError:
 class Batcher:
     """The pending queue, the batches in flight and the log's failure state."""
 
-    def __init__(self, store: Store, last: LastSegment, worker: Worker, options: Options) -> None:
+    def __init__(
+        self,
+        store: Store,
+        last: LastSegment,
+        worker: Worker,
+        options: Options,
+        on_rotate: Callable[[], object] | None = None,
+    ) -> None:
         self._loop = asyncio.get_running_loop()
         self._thread = _get_ident()
         self.appender = Appender(
@@ -82,6 +89,8 @@ class Batcher:
             pressed=lambda: len(self._flight) > 1,  # read on the I/O thread
         )
         self._worker = worker
+        self._on_rotate = on_rotate  # called on the loop after a batch started a segment
+        self._rotations = 0
         self._fsync = options.durability is Durability.FSYNC
         self._max_record = options.max_record_size
         self._max_batch = options.max_batch_bytes
@@ -314,6 +323,9 @@ class Batcher:
             self.acked_lsn = first + len(futures) - 1
             if self._fsync:
                 self.synced_lsn = self.acked_lsn
+            if self._on_rotate is not None and self.appender.rotations != self._rotations:
+                self._rotations = self.appender.rotations
+                self._on_rotate()
             self._resolve(futures, first, 0)
             if self._sync_waiters:
                 self._wake_syncers()

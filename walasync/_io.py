@@ -150,6 +150,11 @@ class FileIO:
     def size(self, fd: int) -> int:
         return os.fstat(fd).st_size
 
+    def stat(self, path: str) -> tuple[int, float]:
+        """(size in bytes, time of the last change in seconds since the epoch)."""
+        st = os.stat(path)
+        return st.st_size, st.st_mtime
+
     def fdatasync(self, fd: int) -> None:
         os.fdatasync(fd)
 

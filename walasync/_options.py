@@ -39,6 +39,8 @@ class Options:
     max_batch_delay: float = 0.0
     max_pending_bytes: int = 64 * MiB
     sync_interval: float = 0.05
+    retention_bytes: int | None = None
+    retention_age: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "durability", Durability(self.durability))
@@ -56,3 +58,9 @@ class Options:
                 raise ValueError(f"{name} must be a number >= 0, not {value!r}")
         if self.sync_interval == 0:
             raise ValueError("sync_interval must be > 0")
+        for name in ("retention_bytes", "retention_age"):
+            value = getattr(self, name)
+            if value is not None and (
+                not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0
+            ):
+                raise ValueError(f"{name} must be a number > 0 or None, not {value!r}")

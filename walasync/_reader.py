@@ -16,7 +16,7 @@ from typing import Any, NamedTuple, TypeVar
 from . import _format as fmt
 from . import _segment as seg
 from ._store import Store
-from .errors import CorruptionError, WalError, map_os_error
+from .errors import CorruptionError, TruncatedError, WalError, map_os_error
 
 __all__ = ("Record", "read_records")
 
@@ -66,18 +66,33 @@ async def read_records(
     store's segment list.
 
     Raises:
+        TruncatedError: the records this read was at were truncated meanwhile.
         CorruptionError: a batch up to `stop` is invalid, or the LSNs have a gap.
         WalError: a read failed (the OSError is its cause).
     """
     loop = asyncio.get_running_loop()
 
+    def truncated(exc: BaseException | None = None) -> WalError:
+        """Why a read failed: a truncation that removed its records (first_lsn moves up
+        before any file is deleted, so checking it after a read is enough), or `exc`."""
+        if start < store.meta.first_lsn:
+            err = TruncatedError(
+                f"records from {start} to {store.meta.first_lsn - 1} were truncated while "
+                "this read ran"
+            )
+            err.__cause__ = exc
+            err.__suppress_context__ = True
+            return err
+        assert isinstance(exc, WalError)
+        return exc
+
     async def run(fn: Callable[..., T], *args: Any) -> T:
         try:
             return await loop.run_in_executor(None, fn, *args)
-        except WalError:
-            raise
+        except WalError as exc:
+            raise truncated(exc)  # noqa: B904 - the cause is set
         except OSError as exc:
-            raise map_os_error(exc, f"reading {store.path}") from exc
+            raise truncated(map_os_error(exc, f"reading {store.path}"))  # noqa: B904
 
     index = store.locate(start, segments)
     start = max(start, segments[0]) if segments else start
@@ -91,10 +106,12 @@ async def read_records(
                 for offset, head, payload in batches:
                     if start > stop:
                         break
+                    if start < store.meta.first_lsn:
+                        raise truncated()
                     try:
                         records = fmt.decode_records(head, payload)
                     except fmt.FormatError as exc:
-                        raise CorruptionError(path, offset, str(exc)) from None
+                        raise truncated(CorruptionError(path, offset, str(exc))) from None
                     lsn = head.first_lsn
                     skip = start - lsn
                     if skip > 0:
@@ -122,4 +139,6 @@ async def read_records(
                 if follows is not None
                 else "the end of the log"
             )
-            raise CorruptionError(path, scan.offset, f"expected LSN {scan.next_lsn}, found {what}")
+            raise truncated(
+                CorruptionError(path, scan.offset, f"expected LSN {scan.next_lsn}, found {what}")
+            )

@@ -9,18 +9,24 @@ left (a torn tail, an empty segment after an unsealed one) and makes it durable.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from bisect import bisect_right
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import _format as fmt
+from . import _meta
 from . import _segment as seg
 from ._io import FileIO
+from ._meta import Meta, MetaError
 from .errors import CorruptionError, LockedError
 
-__all__ = ("LOCK_NAME", "LastSegment", "Store")
+__all__ = ("LOCK_NAME", "LastSegment", "SegmentInfo", "Store")
 
 LOCK_NAME = "LOCK"
+_log = logging.getLogger("walasync")
 
 
 @dataclass
@@ -35,6 +41,16 @@ class LastSegment:
     index: seg.Index
 
 
+class SegmentInfo(NamedTuple):
+    """A sealed segment, as retention's `on_segment_drop` hook sees it before it goes."""
+
+    path: str  # the file: copy it to archive it
+    first_lsn: int
+    last_lsn: int
+    size: int  # bytes
+    mtime: float  # when it was last written (sealed), seconds since the epoch
+
+
 class Store:
     """An open log directory: its lock and its segments."""
 
@@ -43,6 +59,8 @@ class Store:
         self.path = path
         self._lock_fd = lock_fd
         self._spare = seg.SPARE_NAME in names  # left by a writer that was killed
+        self._meta_tmp = _meta.TMP_NAME in names  # likewise
+        self.meta = Meta(b"", 0, 0)  # set by `recover`
         # First LSN of each segment, ascending; replaced, never mutated.
         self.segments: tuple[int, ...] = tuple(
             sorted(lsn for lsn in map(seg.parse_name, names) if lsn is not None)
@@ -94,24 +112,123 @@ class Store:
         segments = self.segments if segments is None else segments
         return max(bisect_right(segments, lsn) - 1, 0)
 
+    @property
+    def first_lsn(self) -> int:
+        """The oldest LSN a reader may ask for (records below were truncated)."""
+        return self.meta.first_lsn
+
     def add(self, first_lsn: int, index: seg.Index) -> None:
         """A new last segment starting at `first_lsn` exists; the writer keeps `index`."""
         self.indexes[first_lsn] = index
         self.segments = (*self.segments, first_lsn)
 
-    def recover(self, segment_size: int, first_lsn: int = 1) -> LastSegment:
-        """Recover the last segment for writing (creating the first one, starting at
-        `first_lsn` and preallocated to `segment_size`, in an empty directory), repair what
-        a crashed writer left, and make it durable.
+    def recover(self, segment_size: int, first_lsn: int | None = None) -> LastSegment:
+        """Recover the log for writing, repair what a crashed writer left (a torn tail, an
+        empty segment after an unsealed one, a truncation it did not finish), and make it
+        durable. In an empty directory, create the log: its first segment starts at
+        `first_lsn` (default 1) and is preallocated to `segment_size`.
 
         Raises:
-            CorruptionError: the last segment's header or data is damaged, or it is sealed
-                (the segments after it are missing).
+            ValueError: `first_lsn` differs from the one the log was created with.
+            CorruptionError: META or the last segment is damaged, or segments are missing.
         """
         io = self.io
-        if self._spare:
-            io.unlink(os.path.join(self.path, seg.SPARE_NAME))
-            self._spare = False
+        for leftover, name in ((self._spare, seg.SPARE_NAME), (self._meta_tmp, _meta.TMP_NAME)):
+            if leftover:
+                io.unlink(os.path.join(self.path, name))
+        self._spare = self._meta_tmp = False
+        meta = self._read_meta()
+        if meta is not None:
+            if first_lsn is not None and first_lsn != meta.origin:
+                raise ValueError(
+                    f"the log at {self.path} starts at LSN {meta.origin}, not {first_lsn}"
+                )
+            if not self.segments:
+                raise CorruptionError(
+                    self.segment_path(meta.first_lsn),
+                    0,
+                    "segment missing: the log has no segment files left",
+                )
+            self.meta = meta
+            self._drop_truncated()
+        elif self.segments:
+            if first_lsn is not None and first_lsn != self.segments[0]:
+                raise ValueError(
+                    f"the log at {self.path} starts at LSN {self.segments[0]}, not {first_lsn}"
+                )
+            first_lsn = self.segments[0]
+        last = self._recover_last(segment_size, first_lsn or 1)
+        if meta is None:  # a new log, or one written before META existed
+            origin = self.segments[0]
+            self.meta = Meta(os.urandom(16), origin, origin)
+            _meta.write_meta(io, self.path, self.meta)
+        return last
+
+    def _read_meta(self) -> Meta | None:
+        try:
+            return _meta.read_meta(self.io, self.path)
+        except MetaError as exc:
+            raise CorruptionError(os.path.join(self.path, _meta.META_NAME), 0, str(exc)) from None
+
+    def _drop_truncated(self) -> None:
+        """Delete the segments wholly below `first_lsn` that a truncation committed but did
+        not delete, and check that the segment holding `first_lsn` is there."""
+        first = self.meta.first_lsn
+        self.truncate_front(first)
+        if self.segments[0] > first:
+            raise CorruptionError(
+                self.segment_path(self.segments[0]),
+                0,
+                f"segment missing: records {first} to {self.segments[0] - 1} are gone",
+            )
+
+    def truncate_front(self, lsn: int) -> list[int]:
+        """Make `lsn` the first LSN and delete the segments wholly below it (never the last
+        one); return their first LSNs. META is durable before any file goes: a crash in
+        between leaves files that the next open deletes."""
+        if lsn > self.meta.first_lsn:
+            meta = self.meta.with_(first_lsn=lsn)
+            _meta.write_meta(self.io, self.path, meta)
+            self.meta = meta
+        segments = self.segments
+        keep = max(bisect_right(segments, lsn) - 1, 0)
+        if not keep:
+            return []
+        self.segments = segments[keep:]  # readers stop seeing them before they go
+        gone = list(segments[:keep])
+        for first in gone:
+            self.indexes.pop(first, None)
+            try:
+                self.io.unlink(self.segment_path(first))
+            except FileNotFoundError:
+                pass
+            except OSError as exc:  # committed already: the next open deletes it
+                _log.warning("could not delete %s: %s", self.segment_path(first), exc)
+        with contextlib.suppress(OSError):  # if lost, the next open deletes them again
+            self.io.fsync_dir(self.path)
+        return gone
+
+    def retention_candidates(
+        self, max_bytes: int | None, max_age: float | None, now: float, durable: int
+    ) -> list[SegmentInfo]:
+        """The oldest sealed segments that retention would drop, in order: while the log is
+        over `max_bytes`, or while a segment was last written more than `max_age` seconds
+        before `now`; never the last segment, nor one with records above `durable`."""
+        segments = self.segments
+        sizes = [self.io.stat(self.segment_path(first)) for first in segments]
+        total = sum(size for size, _ in sizes)
+        out = []
+        for first, following, (size, mtime) in zip(segments, segments[1:], sizes, strict=False):
+            over = max_bytes is not None and total > max_bytes
+            old = max_age is not None and mtime < now - max_age
+            if not (over or old) or following - 1 > durable:
+                break
+            out.append(SegmentInfo(self.segment_path(first), first, following - 1, size, mtime))
+            total -= size
+        return out
+
+    def _recover_last(self, segment_size: int, first_lsn: int) -> LastSegment:
+        io = self.io
         expected: int | None = None  # where the data must end, once an empty segment went
         while True:
             if not self.segments:
@@ -175,6 +292,8 @@ class Store:
         return True
 
     def _create(self, segment_size: int, first_lsn: int) -> LastSegment:
+        if first_lsn < 1:
+            raise ValueError(f"first_lsn must be >= 1, not {first_lsn}")
         fd = seg.make_spare(self.io, self.path, segment_size)
         try:
             spare = os.path.join(self.path, seg.SPARE_NAME)

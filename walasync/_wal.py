@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import os
+import time
 import warnings
-from collections.abc import AsyncIterator, Generator, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -20,9 +22,12 @@ from ._batcher import Batcher
 from ._io import FileIO
 from ._options import Durability, Options
 from ._reader import Record, read_records
-from ._store import LastSegment, Store
+from ._store import LastSegment, SegmentInfo, Store
 from ._worker import Worker
-from .errors import ClosedError, WalError, map_os_error
+from .errors import BrokenLogError, ClosedError, TruncatedError, WalError, map_os_error
+
+DropHook = Callable[[SegmentInfo], Awaitable["bool | None"]]
+_log = logging.getLogger("walasync")
 
 __all__ = ("Wal", "open")
 
@@ -47,11 +52,13 @@ def _os_errors(what: str) -> Iterator[None]:
         raise map_os_error(exc, what) from exc
 
 
-def _open_files(io: FileIO, path: str, options: Options) -> tuple[Store, LastSegment]:
+def _open_files(
+    io: FileIO, path: str, options: Options, first_lsn: int | None
+) -> tuple[Store, LastSegment]:
     """Lock and recover the log (on the I/O thread)."""
     store = Store.open(io, path)
     try:
-        return store, store.recover(options.segment_size)
+        return store, store.recover(options.segment_size, first_lsn)
     except BaseException:
         store.close()
         raise
@@ -81,16 +88,28 @@ class Wal:
     """
 
     def __init__(
-        self, store: Store, last: LastSegment, worker: Worker, options: Options, io: FileIO
+        self,
+        store: Store,
+        last: LastSegment,
+        worker: Worker,
+        options: Options,
+        io: FileIO,
+        on_segment_drop: DropHook | None = None,
     ) -> None:
         self._store = store
         self._worker = worker
         self._io = io
         self.options = options
-        self._batcher = Batcher(store, last, worker, options)
+        self._on_drop = on_segment_drop
+        retains = options.retention_bytes is not None or options.retention_age is not None
+        self._batcher = Batcher(
+            store, last, worker, options, self._retain_soon if retains else None
+        )
+        self._retainer: asyncio.Task[None] | None = None
         self._put = self._batcher.put  # bound once: `append` is the hot path
         self._closer: asyncio.Future[None] | None = None
         self._closed = False
+        self._lifecycle = asyncio.Lock()  # one truncation or retention pass at a time
 
     @property
     def path(self) -> str:
@@ -99,8 +118,9 @@ class Wal:
 
     @property
     def first_lsn(self) -> int:
-        """LSN of the oldest record in the log (1 unless the front was removed)."""
-        return self._store.segments[0]
+        """The oldest LSN that can be read: where the log started (1 by default), or the
+        LSN passed to the last `truncate_front`. Above `last_lsn` when the log is empty."""
+        return self._store.meta.first_lsn
 
     @property
     def last_lsn(self) -> int:
@@ -170,8 +190,78 @@ class Wal:
         start = first if start is None else start
         if start < 1:
             raise ValueError(f"start must be >= 1, not {start}")
+        if start < first:
+            raise TruncatedError(f"records below {first} were truncated (asked from {start})")
         stop = self.last_lsn if end is None else min(end, self.last_lsn)
         return read_records(self._store, self._store.snapshot(), max(start, first), stop)
+
+    async def truncate_front(self, lsn: int) -> None:
+        """Remove every record below `lsn`: `first_lsn` becomes `lsn` (if higher), and the
+        segment files holding only such records are deleted, giving their space back.
+
+        Returns once the new `first_lsn` is durable: no crash brings a removed record back,
+        and none at or above `lsn` is lost. A read that asks for removed records raises
+        `TruncatedError`, one already past them goes on. `lsn` may be `last_lsn + 1`
+        (remove everything; the next append still gets `last_lsn + 1`).
+
+        Raises:
+            ValueError: `lsn` is below 1 or above `last_lsn + 1`.
+            ClosedError, WrongLoopError, WalError (the OSError that stopped it is the cause).
+        """
+        self._batcher.check()
+        if not 1 <= lsn <= self.last_lsn + 1:
+            raise ValueError(f"truncate_front({lsn}): lsn must be in 1..{self.last_lsn + 1}")
+        async with self._lifecycle:
+            with _os_errors(f"truncating {self.path}"):
+                await self._worker.run(self._store.truncate_front, lsn)
+
+    async def apply_retention(self) -> list[SegmentInfo]:
+        """Drop the oldest sealed segments that the retention options (`retention_bytes`,
+        `retention_age`) no longer keep, as `truncate_front` would, and return them.
+
+        Before each drop, `on_segment_drop(segment)` (if given to `open`) is awaited: it
+        may archive the file (copy `segment.path`), or return False to keep it and every
+        later one. The last segment and anything not yet durable are never dropped. Runs
+        by itself after every rotation when a retention option is set.
+
+        Raises:
+            ClosedError, WrongLoopError, WalError; whatever the hook raised (nothing more is
+            dropped in that pass, and the log goes on).
+        """
+        self._batcher.check()
+        opts = self.options
+        if opts.retention_bytes is None and opts.retention_age is None:
+            return []
+        dropped: list[SegmentInfo] = []
+        async with self._lifecycle:
+            with _os_errors(f"applying retention to {self.path}"):
+                candidates = await self._worker.run(
+                    self._store.retention_candidates,
+                    opts.retention_bytes,
+                    opts.retention_age,
+                    time.time(),
+                    self._batcher.synced_lsn,
+                )
+            for segment in candidates:
+                if self._on_drop is not None and await self._on_drop(segment) is False:
+                    break
+                with _os_errors(f"dropping {segment.path}"):
+                    await self._worker.run(self._store.truncate_front, segment.last_lsn + 1)
+                dropped.append(segment)
+        return dropped
+
+    def _retain_soon(self) -> None:
+        """After a rotation: a retention pass, unless one is running."""
+        if self._retainer is None or self._retainer.done():
+            self._retainer = asyncio.ensure_future(self._retain())
+
+    async def _retain(self) -> None:
+        try:
+            await self.apply_retention()
+        except (ClosedError, BrokenLogError):
+            pass
+        except Exception:
+            _log.warning("retention of %s failed; the log goes on", self.path, exc_info=True)
 
     async def sync(self) -> None:
         """Return once everything appended so far is fdatasync'd (for the relaxed modes).
@@ -200,6 +290,9 @@ class Wal:
         await asyncio.shield(self._closer)
 
     async def _close(self) -> None:
+        if self._retainer is not None:
+            self._retainer.cancel()
+            await asyncio.wait([self._retainer])
         try:
             await self._batcher.close()
         finally:
@@ -249,10 +342,19 @@ class Wal:
 class _Opener:
     """What `open` returns: await it for a `Wal`, or use it as `async with`."""
 
-    def __init__(self, path: str | os.PathLike[str], options: Options, io: FileIO) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        options: Options,
+        io: FileIO,
+        first_lsn: int | None,
+        on_segment_drop: DropHook | None,
+    ) -> None:
         self._path = os.fspath(path)
         self._options = options
         self._io = io
+        self._first_lsn = first_lsn
+        self._on_drop = on_segment_drop
         self._wal: Wal | None = None
 
     def __await__(self) -> Generator[Any, None, Wal]:
@@ -274,7 +376,7 @@ class _Opener:
     async def _open(self) -> Wal:
         opts = self._options
         worker = Worker(f"walasync-io {os.path.basename(self._path)}")
-        fut = worker.run(_open_files, self._io, self._path, opts)
+        fut = worker.run(_open_files, self._io, self._path, opts, self._first_lsn)
         try:
             with _os_errors(f"opening {self._path}"):
                 store, last = await asyncio.shield(fut)
@@ -289,7 +391,7 @@ class _Opener:
         except BaseException:
             worker.stop()
             raise
-        return Wal(store, last, worker, opts, self._io)
+        return Wal(store, last, worker, opts, self._io, self._on_drop)
 
 
 def open(
@@ -303,15 +405,22 @@ def open(
     max_batch_delay: float = Options.max_batch_delay,
     max_pending_bytes: int = Options.max_pending_bytes,
     sync_interval: float = Options.sync_interval,
+    retention_bytes: int | None = None,
+    retention_age: float | None = None,
+    on_segment_drop: DropHook | None = None,
+    first_lsn: int | None = None,
 ) -> _Opener:
     """Open (creating if needed) the log in directory `path`, lock it and recover it.
 
     Use `wal = await walasync.open(path)` or `async with walasync.open(path) as wal:`.
     The options are those of `walasync.Options` (see README.md, "Options"). `io` swaps the
     I/O layer (`walasync.FileIO` or a subclass), to observe or inject faults in tests.
+    `first_lsn` makes a new log start at that LSN (a replica restored from elsewhere, a log
+    continuing another's numbering); on an existing log it must be the one it started at.
 
     Raises:
-        ValueError: `path` is empty, or an option is out of range.
+        ValueError: `path` is empty, an option is out of range, or `first_lsn` is below 1
+            or differs from the existing log's.
         LockedError: another `Wal`, in this process or another, has the log open.
         CorruptionError: the last segment is damaged beyond a torn tail, or segments are
             missing after it.
@@ -328,5 +437,9 @@ def open(
         max_batch_delay=max_batch_delay,
         max_pending_bytes=max_pending_bytes,
         sync_interval=sync_interval,
+        retention_bytes=retention_bytes,
+        retention_age=retention_age,
     )
-    return _Opener(path, options, io or FileIO())
+    if first_lsn is not None and (not isinstance(first_lsn, int) or first_lsn < 1):
+        raise ValueError(f"first_lsn must be an int >= 1, not {first_lsn!r}")
+    return _Opener(path, options, io or FileIO(), first_lsn, on_segment_drop)

@@ -11,6 +11,7 @@ __all__ = (
     "DiskFullError",
     "LockedError",
     "RecordTooLargeError",
+    "TruncatedError",
     "UnsupportedFormatError",
     "WalError",
     "WrongLoopError",
@@ -72,6 +73,11 @@ class CorruptionError(WalError):
 
     def __reduce__(self) -> tuple[type[CorruptionError], tuple[str, int, str]]:
         return (type(self), (self.path, self.offset, self.reason))
+
+
+class TruncatedError(WalError):
+    """A read asked for records below `first_lsn`: `truncate_front` (or retention) removed
+    them, before the read began or while it ran."""
 
 
 class UnsupportedFormatError(CorruptionError):

@@ -50,9 +50,10 @@ _Change = tuple[int, bytes | None]
 class _File:
     """A file's inode: its current contents, its durable contents and the changes between."""
 
-    __slots__ = ("data", "durable", "locker", "pending")
+    __slots__ = ("data", "durable", "locker", "mtime", "pending")
 
     def __init__(self, data: bytes | bytearray = b"") -> None:
+        self.mtime = time.time()
         self.data = bytearray(data)
         self.durable = bytes(data)
         self.pending: list[_Change] = []
@@ -304,6 +305,7 @@ class SimulatedDisk(FileIO):
                 data = data[: fault.keep]
             _apply(node.data, (offset, data))
             node.pending.append((offset, data))
+            node.mtime = time.time()
             if fault is not None:
                 raise _err(fault.errno)
 
@@ -314,6 +316,13 @@ class SimulatedDisk(FileIO):
     def size(self, fd: int) -> int:
         with self._mutex:
             return len(self._fd(fd).data)
+
+    def stat(self, path: str) -> tuple[int, float]:
+        with self._mutex:
+            node = self._lookup(path)
+            if not isinstance(node, _File):
+                raise _err(errno.EISDIR, path)
+            return len(node.data), node.mtime
 
     def fdatasync(self, fd: int) -> None:
         self._delay("fdatasync")

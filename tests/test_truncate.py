@@ -1,0 +1,280 @@
+"""Removing records: `truncate_front`, where a log starts (`first_lsn`), and META."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from itertools import pairwise
+from pathlib import Path
+
+import pytest
+from conftest import segment_files, small
+
+import walasync
+from walasync import CorruptionError, Record, TruncatedError
+
+
+def record(i: int) -> bytes:
+    return b"record %d|" % i + bytes(150)
+
+
+async def fill(wal: walasync.Wal, n: int) -> list[int]:
+    return [await wal.append(record(wal.last_lsn + 1)) for _ in range(n)]
+
+
+async def read_all(wal: walasync.Wal, start: int | None = None) -> list[Record]:
+    return [r async for r in wal.read(start)]
+
+
+def firsts(path: Path) -> list[int]:
+    return [int(p.stem) for p in segment_files(path)]
+
+
+async def test_truncate_front_removes_records_and_whole_segments(log_dir: Path) -> None:
+    async with walasync.open(log_dir, **small()) as wal:
+        await fill(wal, 200)
+        before = firsts(log_dir)
+        assert len(before) > 5
+        cut = 100
+        await wal.truncate_front(cut)
+        assert wal.first_lsn == cut
+        after = firsts(log_dir)
+        # Exactly the segments holding only records below `cut` are gone.
+        assert after == [
+            f for i, f in enumerate(before) if i + 1 == len(before) or before[i + 1] > cut
+        ]
+        assert after[0] <= cut
+        assert [r.lsn for r in await read_all(wal)] == list(range(cut, 201))
+        assert (await read_all(wal, 150))[0] == Record(150, record(150))
+        with pytest.raises(TruncatedError):
+            wal.read(cut - 1)
+        assert await wal.append(record(201)) == 201
+    async with walasync.open(log_dir, **small()) as wal:
+        assert (wal.first_lsn, wal.last_lsn) == (cut, 201)
+        assert [r.data for r in await read_all(wal)] == [record(i) for i in range(cut, 202)]
+
+
+async def test_truncating_everything_keeps_the_lsn_sequence(log_dir: Path) -> None:
+    async with walasync.open(log_dir, **small()) as wal:
+        await fill(wal, 60)
+        await wal.truncate_front(61)
+        assert (wal.first_lsn, wal.last_lsn) == (61, 60)
+        assert await read_all(wal) == []
+        assert len(segment_files(log_dir)) == 1  # the last segment stays
+        assert await wal.append(b"next") == 61
+    async with walasync.open(log_dir, **small()) as wal:
+        assert (wal.first_lsn, wal.last_lsn) == (61, 61)
+        assert await read_all(wal) == [Record(61, b"next")]
+
+
+async def test_truncate_front_bounds(log_dir: Path) -> None:
+    async with walasync.open(log_dir, **small()) as wal:
+        await fill(wal, 30)
+        for bad in (0, -1, 32):
+            with pytest.raises(ValueError):
+                await wal.truncate_front(bad)
+        await wal.truncate_front(10)
+        await wal.truncate_front(5)  # below first_lsn: nothing to do
+        await wal.truncate_front(10)
+        assert wal.first_lsn == 10
+        assert [r.lsn for r in await read_all(wal)] == list(range(10, 31))
+
+
+async def test_truncate_front_while_appending_and_reading(log_dir: Path) -> None:
+    async with walasync.open(log_dir, **small()) as wal:
+        await fill(wal, 300)
+        stop = asyncio.Event()
+        acked: list[int] = []
+
+        async def appender() -> None:
+            while not stop.is_set():
+                acked.append(await wal.append(b"more"))
+
+        tasks = [asyncio.ensure_future(appender()) for _ in range(20)]
+        behind = wal.read(1)  # will be left behind by the truncation
+        first = await behind.__anext__()
+        past = wal.read(250, 300)  # starts past what is removed: unaffected
+        await wal.truncate_front(200)
+        with pytest.raises(TruncatedError):
+            async for _ in behind:
+                pass
+        assert first == Record(1, record(1))
+        assert [r.lsn async for r in past] == list(range(250, 301))
+        stop.set()
+        await asyncio.gather(*tasks)
+        assert sorted(acked) == list(range(301, 301 + len(acked)))
+        got = await read_all(wal)
+    assert [r.lsn for r in got] == list(range(200, 301 + len(acked)))
+
+
+async def test_a_new_log_can_start_at_any_lsn(log_dir: Path) -> None:
+    async with walasync.open(log_dir, first_lsn=1000, **small()) as wal:
+        assert (wal.first_lsn, wal.last_lsn) == (1000, 999)
+        assert await wal.append(b"a") == 1000
+        await fill(wal, 50)
+    assert firsts(log_dir)[0] == 1000
+    async with walasync.open(log_dir, first_lsn=1000, **small()) as wal:
+        assert wal.last_lsn == 1050
+        await wal.truncate_front(1020)
+    async with walasync.open(log_dir, first_lsn=1000, **small()) as wal:  # still its origin
+        assert wal.first_lsn == 1020
+    with pytest.raises(ValueError, match="starts at LSN 1000"):
+        await walasync.open(log_dir, first_lsn=1)
+    for bad in (0, -5):
+        with pytest.raises(ValueError):
+            walasync.open(log_dir, first_lsn=bad)
+    async with walasync.open(log_dir) as wal:
+        assert wal.first_lsn == 1020
+
+
+async def test_a_log_from_before_meta_gets_one(log_dir: Path) -> None:
+    async with walasync.open(log_dir, **small()) as wal:
+        await fill(wal, 40)
+    (log_dir / "META").unlink()
+    async with walasync.open(log_dir, **small()) as wal:
+        assert (wal.first_lsn, wal.last_lsn) == (1, 40)
+    assert (log_dir / "META").exists()
+    with pytest.raises(ValueError):  # it started at 1
+        await walasync.open(log_dir, first_lsn=7)
+
+
+async def test_damaged_meta_is_corruption(log_dir: Path) -> None:
+    async with walasync.open(log_dir) as wal:
+        await wal.append(b"x")
+    meta = log_dir / "META"
+    data = bytearray(meta.read_bytes())
+    data[40] ^= 1  # first LSN
+    meta.write_bytes(bytes(data))
+    with pytest.raises(CorruptionError) as info:
+        await walasync.open(log_dir)
+    assert info.value.path == str(meta)
+
+
+async def test_a_log_whose_segments_are_all_gone_is_corruption(log_dir: Path) -> None:
+    async with walasync.open(log_dir, **small()) as wal:
+        await fill(wal, 40)
+        await wal.truncate_front(20)
+    for segment in segment_files(log_dir):
+        segment.unlink()
+    with pytest.raises(CorruptionError, match="no segment files left"):
+        await walasync.open(log_dir)
+    assert not segment_files(log_dir)  # and no new log was made over it
+
+
+async def test_a_lost_first_segment_is_corruption(log_dir: Path) -> None:
+    async with walasync.open(log_dir, **small()) as wal:
+        await fill(wal, 80)
+        await wal.truncate_front(2)
+    segment_files(log_dir)[0].unlink()
+    with pytest.raises(CorruptionError, match="records 2 to"):
+        await walasync.open(log_dir, **small())
+
+
+async def test_segments_a_truncation_did_not_delete_are_deleted_at_open(log_dir: Path) -> None:
+    async with walasync.open(log_dir, **small()) as wal:
+        await fill(wal, 80)
+    kept = {p.name: p.read_bytes() for p in segment_files(log_dir)}
+    async with walasync.open(log_dir, **small()) as wal:
+        await wal.truncate_front(60)
+    for name, data in kept.items():  # as if the writer died right after META
+        if not (log_dir / name).exists():
+            (log_dir / name).write_bytes(data)
+    async with walasync.open(log_dir, **small()) as wal:
+        assert wal.first_lsn == 60
+        assert firsts(log_dir)[0] <= 60 < [*firsts(log_dir), 10**9][1]
+        assert [r.lsn for r in await read_all(wal)] == list(range(60, 81))
+
+
+def test_meta_leftover_temporary_file_is_removed(log_dir: Path) -> None:
+    async def main() -> None:
+        async with walasync.open(log_dir) as wal:
+            await wal.append(b"x")
+        (log_dir / "META.tmp").write_bytes(b"half")
+        async with walasync.open(log_dir) as wal:
+            assert wal.last_lsn == 1
+        assert not (log_dir / "META.tmp").exists()
+
+    asyncio.run(main())
+    assert os.path.exists(log_dir / "META")
+
+
+# -- retention -----------------------------------------------------------------------------
+
+
+async def test_retention_by_bytes_keeps_the_log_under_its_limit(log_dir: Path) -> None:
+    dropped: list[walasync.SegmentInfo] = []
+
+    async def hook(segment: walasync.SegmentInfo) -> None:
+        # Still there: the hook may copy it.
+        assert await asyncio.to_thread(os.path.exists, segment.path)
+        dropped.append(segment)
+
+    async with walasync.open(
+        log_dir, retention_bytes=5 * 4096, on_segment_drop=hook, **small()
+    ) as wal:
+        for _ in range(300):
+            await wal.append(record(wal.last_lsn + 1))
+        await wal.apply_retention()  # the pass after the last rotation may still run
+        sizes = [p.stat().st_size for p in segment_files(log_dir)]
+        assert sum(sizes) - sizes[-1] <= 5 * 4096  # over the limit only by the last
+        assert dropped and [d.first_lsn for d in dropped] == sorted(d.first_lsn for d in dropped)
+        assert wal.first_lsn == dropped[-1].last_lsn + 1 == firsts(log_dir)[0]
+        assert [r.lsn for r in await read_all(wal)] == list(range(wal.first_lsn, 301))
+    for a, b in pairwise(dropped):
+        assert b.first_lsn == a.last_lsn + 1
+
+
+async def test_retention_by_age(log_dir: Path) -> None:
+    async with walasync.open(log_dir, retention_age=3600, **small()) as wal:
+        await fill(wal, 100)
+        assert await wal.apply_retention() == []  # nothing is an hour old
+        old = segment_files(log_dir)[:3]
+        for path in old:
+            os.utime(path, (1, 1))
+        gone = await wal.apply_retention()
+        assert [g.path for g in gone] == [str(p) for p in old]
+        assert wal.first_lsn == gone[-1].last_lsn + 1
+
+
+async def test_the_hook_can_veto_and_a_failing_hook_stops_the_pass(log_dir: Path) -> None:
+    calls: list[int] = []
+    verdict: dict[str, object] = {"keep": False}
+
+    async def hook(segment: walasync.SegmentInfo) -> bool | None:
+        calls.append(segment.first_lsn)
+        if verdict.get("raise"):
+            raise OSError("archive unreachable")
+        return False if verdict["keep"] is True else None
+
+    async with walasync.open(log_dir, retention_age=1e-9, on_segment_drop=hook, **small()) as wal:
+        verdict["keep"] = True  # vetoes every drop: the log keeps everything
+        await fill(wal, 100)
+        assert await wal.apply_retention() == []
+        assert wal.first_lsn == 1 and calls
+        verdict.update({"keep": False, "raise": True})
+        with pytest.raises(OSError, match="archive unreachable"):
+            await wal.apply_retention()
+        assert wal.first_lsn == 1
+        assert await wal.append(b"still working") == 101
+        verdict["raise"] = False
+        gone = await wal.apply_retention()
+        assert gone
+        assert wal.first_lsn == gone[-1].last_lsn + 1
+        assert len(segment_files(log_dir)) == 1  # everything sealed went
+
+
+async def test_retention_never_drops_what_is_not_durable(log_dir: Path) -> None:
+    async with walasync.open(log_dir, durability="none", retention_age=1e-9, **small()) as wal:
+        await fill(wal, 100)
+        assert wal.synced_lsn == 0
+        assert await wal.apply_retention() == []
+        await wal.sync()
+        assert await wal.apply_retention()
+
+
+async def test_retention_options_are_checked(log_dir: Path) -> None:
+    for bad in ({"retention_bytes": 0}, {"retention_age": -1}, {"retention_bytes": "1"}):
+        with pytest.raises(ValueError):
+            walasync.open(log_dir, **bad)  # type: ignore[arg-type]
+    async with walasync.open(log_dir) as wal:
+        assert await wal.apply_retention() == []  # no retention set

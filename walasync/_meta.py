@@ -1,0 +1,123 @@
+"""The log's small durable record of itself: identity, where it starts, a cut in progress.
+
+`META` is rewritten whole, atomically (a temporary file written and fdatasync'd, renamed
+over it, then the directory fsynced), so a crash leaves the old one or the new one. It is
+the commit point of the operations that remove records: `truncate_front` raises
+`first_lsn` here before deleting any file; `truncate_back` records its cut here (with the
+bytes of the one batch it must rewrite) before touching any segment, and recovery finishes
+a cut it finds. Pure encoding here; the file operations take an I/O layer.
+
+    META (64 bytes, little-endian; a cut adds its batch after them)
+      0  8    META_MAGIC
+      8  u16  version (1)
+     10  u16  flags (0)
+     12  u32  reserved (0)
+     16  16   log id: random, chosen when the log is created, never changed
+     32  u64  origin: the LSN the log was created to start at
+     40  u64  first LSN: records below it are removed (truncate_front)
+     48  u64  cut: 0, or records after cut - 1 are being removed (truncate_back)
+     56  u32  cut offset: where the rewritten batch goes in the cut's segment
+     60  u32  CRC32C of bytes 0..60 and of everything after byte 64
+    then, during a cut, the rewritten batch (header and padded payload), possibly empty
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass, replace
+
+from crc32c import crc32c
+
+from ._io import FileIO
+
+__all__ = ("META_NAME", "TMP_NAME", "Meta", "MetaError", "read_meta", "write_meta")
+
+META_NAME = "META"
+TMP_NAME = "META.tmp"
+_MAGIC = b"WALAMETA"
+_VERSION = 1
+_HEAD = struct.Struct("<8sHHI16sQQQI")
+_CRC = struct.Struct("<I")
+SIZE = _HEAD.size + _CRC.size
+assert SIZE == 64
+
+
+class MetaError(Exception):
+    """META is damaged or of an unknown version (mapped to CorruptionError)."""
+
+
+@dataclass(frozen=True)
+class Meta:
+    """What META says."""
+
+    log_id: bytes
+    origin: int
+    first_lsn: int
+    cut: int = 0  # 0, or 1 + the LSN a truncate_back in progress keeps up to
+    cut_offset: int = 0
+    cut_batch: bytes = b""
+
+    def with_(self, **changes: object) -> Meta:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    def encode(self) -> bytes:
+        head = _HEAD.pack(
+            _MAGIC,
+            _VERSION,
+            0,
+            0,
+            self.log_id,
+            self.origin,
+            self.first_lsn,
+            self.cut,
+            self.cut_offset,
+        )
+        return head + _CRC.pack(crc32c(self.cut_batch, crc32c(head))) + self.cut_batch
+
+    @classmethod
+    def decode(cls, data: bytes) -> Meta:
+        if len(data) < SIZE:
+            raise MetaError("META is incomplete")
+        magic, version, _f, _r, log_id, origin, first, cut, offset = _HEAD.unpack_from(data)
+        if magic != _MAGIC:
+            raise MetaError("META is not walasync's (bad magic)")
+        (crc,) = _CRC.unpack_from(data, _HEAD.size)
+        if crc != crc32c(data[SIZE:], crc32c(data[: _HEAD.size])):
+            raise MetaError("META checksum mismatch")
+        if version != _VERSION:
+            raise MetaError(f"META version {version}; this walasync reads {_VERSION}")
+        return cls(log_id, origin, first, cut, offset, bytes(data[SIZE:]))
+
+
+def read_meta(io: FileIO, directory: str) -> Meta | None:
+    """The log's META, or None if it has none (a log made before META existed, or a
+    writer killed before it wrote the first one).
+
+    Raises:
+        MetaError: it is damaged.
+    """
+    path = os.path.join(directory, META_NAME)
+    try:
+        fd = io.open_read(path)
+    except FileNotFoundError:
+        return None
+    try:
+        data = io.pread(fd, max(io.size(fd), SIZE), 0)
+    finally:
+        io.close(fd)
+    return Meta.decode(data)
+
+
+def write_meta(io: FileIO, directory: str, meta: Meta) -> None:
+    """Replace META with `meta`, atomically and durably."""
+    tmp = os.path.join(directory, TMP_NAME)
+    fd = io.open(tmp, create=True)
+    try:
+        io.truncate(fd, 0)
+        io.pwritev(fd, [meta.encode()], 0)
+        io.fdatasync(fd)
+    finally:
+        io.close(fd)
+    io.rename(tmp, os.path.join(directory, META_NAME))
+    io.fsync_dir(directory)
