@@ -278,3 +278,108 @@ async def test_retention_options_are_checked(log_dir: Path) -> None:
             walasync.open(log_dir, **bad)  # type: ignore[arg-type]
     async with walasync.open(log_dir) as wal:
         assert await wal.apply_retention() == []  # no retention set
+
+
+# -- truncate_back ---------------------------------------------------------------------------
+
+
+async def test_truncate_back_across_segments(log_dir: Path) -> None:
+    async with walasync.open(log_dir, **small()) as wal:
+        await fill(wal, 200)
+        many = len(segment_files(log_dir))
+        await wal.truncate_back(120)
+        assert (wal.first_lsn, wal.last_lsn, wal.synced_lsn) == (1, 120, 120)
+        assert len(segment_files(log_dir)) < many
+        assert [r.data for r in await read_all(wal)] == [record(i) for i in range(1, 121)]
+        assert await wal.append(b"new 121") == 121
+        await fill(wal, 100)  # rotates again from the cut segment
+    async with walasync.open(log_dir, **small()) as wal:
+        got = await read_all(wal)
+    assert [r.lsn for r in got] == list(range(1, 222))
+    assert got[119] == Record(120, record(120)) and got[120] == Record(121, b"new 121")
+
+
+async def test_truncate_back_inside_a_batch(log_dir: Path) -> None:
+    async with walasync.open(log_dir, **small()) as wal:
+        lsns = await asyncio.gather(*(wal.append(b"c%d" % i) for i in range(30)))
+        by_lsn = {lsn: b"c%d" % i for i, lsn in enumerate(lsns)}
+        await wal.truncate_back(17)  # most likely inside the batch of 30
+        assert [r.data for r in await read_all(wal)] == [by_lsn[i] for i in range(1, 18)]
+        assert await wal.append(b"after") == 18
+    async with walasync.open(log_dir, **small()) as wal:
+        assert [r.data for r in await read_all(wal)] == [
+            *[by_lsn[i] for i in range(1, 18)],
+            b"after",
+        ]
+
+
+async def test_truncate_back_never_splits_a_unit(log_dir: Path) -> None:
+    async with walasync.open(log_dir) as wal:
+        assert await wal.append_many([b"a", b"b", b"c"]) == range(1, 4)
+        await wal.append(b"d")
+        for inside in (1, 2):
+            with pytest.raises(ValueError, match="unit"):
+                await wal.truncate_back(inside)
+        assert wal.last_lsn == 4
+        await wal.truncate_back(3)
+        assert wal.last_lsn == 3
+    async with walasync.open(log_dir) as wal:  # unit ends are on disk: known after reopen
+        with pytest.raises(ValueError, match="unit"):
+            await wal.truncate_back(2)
+        await wal.truncate_back(0)
+        assert (wal.first_lsn, wal.last_lsn) == (1, 0)
+        assert await wal.append(b"again") == 1
+
+
+async def test_truncate_back_bounds(log_dir: Path) -> None:
+    async with walasync.open(log_dir, **small()) as wal:
+        await fill(wal, 60)
+        await wal.truncate_front(20)
+        for bad in (18, 61, -1):
+            with pytest.raises(ValueError):
+                await wal.truncate_back(bad)
+        await wal.truncate_back(60)  # nothing after it: nothing to do
+        assert wal.last_lsn == 60
+        await wal.truncate_back(19)  # everything
+        assert (wal.first_lsn, wal.last_lsn) == (20, 19)
+        assert await read_all(wal) == []
+        assert await wal.append(b"x") == 20
+    async with walasync.open(log_dir, **small()) as wal:
+        assert (wal.first_lsn, wal.last_lsn) == (20, 20)
+
+
+async def test_appends_during_truncate_back_follow_the_cut(log_dir: Path) -> None:
+    async with walasync.open(log_dir, **small()) as wal:
+        await fill(wal, 100)
+        stop = False
+        cut = False
+        before: dict[int, bytes] = {}  # acknowledged before truncate_back returned
+        after: dict[int, bytes] = {}  # and after
+
+        async def appender(n: int) -> None:
+            i = 0
+            while not stop:
+                data = b"w%d.%d" % (n, i)
+                lsn = await wal.append(data)
+                (after if cut else before)[lsn] = data
+                i += 1
+
+        tasks = [asyncio.ensure_future(appender(n)) for n in range(30)]
+        await asyncio.sleep(0.005)
+        behind = wal.read(1)
+        await behind.__anext__()
+        await wal.truncate_back(80)
+        cut = True
+        await asyncio.sleep(0.005)
+        stop = True
+        await asyncio.gather(*tasks)
+        with pytest.raises(TruncatedError):
+            async for _ in behind:
+                pass
+        got = {r.lsn: r.data for r in await read_all(wal)}
+    assert before and after
+    assert sorted(got) == list(range(1, len(got) + 1))
+    assert [got[lsn] for lsn in range(1, 81)] == [record(lsn) for lsn in range(1, 81)]
+    assert min(after) == 81  # the first append after the cut gets 81, and all are there
+    assert all(got[lsn] == data for lsn, data in after.items())
+    assert min(before) == 101  # the appends before it were written first, then cut

@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from . import _format as fmt
+from . import _meta
 from . import _segment as seg
 from ._store import LastSegment, Store
 from ._zeroing import ZeroAhead
@@ -83,8 +84,11 @@ class Appender:
         if self._zero is not None:
             self._zero.use(store.segment_path(self.first), self.end)
 
-    def write_batch(self, first_lsn: int, records: Sequence[bytes], sync: bool) -> None:
+    def write_batch(
+        self, first_lsn: int, records: Sequence[bytes], sync: bool, joined: Sequence[int] = ()
+    ) -> None:
         """Append one batch (rotating first if it does not fit), then fdatasync if `sync`.
+        `joined`: positions of records whose unit goes on with the next record.
 
         Raises:
             NotWritten: the batch's segment could not be started, or the batch before it
@@ -98,7 +102,7 @@ class Appender:
                 raise NotWritten(self._refused) from self._refused
             raise AssertionError(f"batch LSN {first_lsn} != expected {self.next_lsn}")
         try:
-            self._write(first_lsn, records, sync)
+            self._write(first_lsn, records, sync, joined)
         except NotWritten as exc:
             self._refused = exc.__cause__
             raise
@@ -107,12 +111,14 @@ class Appender:
             raise
         self._refused = None
 
-    def _write(self, first_lsn: int, records: Sequence[bytes], sync: bool) -> None:
-        head, body = fmt.encode_batch(first_lsn, records, self.salt)
+    def _write(
+        self, first_lsn: int, records: Sequence[bytes], sync: bool, joined: Sequence[int]
+    ) -> None:
+        head, body = fmt.encode_batch(first_lsn, records, self.salt, joined)
         size = len(head) + len(body)
         if self.end + size > self.segment_size and self.end > fmt.SEGMENT_HEADER:
             self._rotate(first_lsn)
-            head, body = fmt.encode_batch(first_lsn, records, self.salt)  # the new salt
+            head, body = fmt.encode_batch(first_lsn, records, self.salt, joined)  # new salt
         if self._zero is not None:
             self._zero.claim(self.end + size)
         if sync:
@@ -150,6 +156,41 @@ class Appender:
         if self._dirty:
             self.io.fdatasync(self.fd)
             self._dirty = False
+
+    def truncate_back(self, lsn: int) -> None:
+        """Remove every record after `lsn` (nothing may be in flight): the next batch gets
+        `lsn + 1`. Everything at or below `lsn` is made durable first; then the cut is
+        committed in META, carried out, and the segment holding `lsn` is the last one.
+
+        Raises:
+            ValueError: the cut would split an `append_many` unit (nothing changed).
+            StoreFailed: an earlier write or fdatasync failed.
+            OSError: the cut failed; the log must be reopened, which finishes the cut if
+                it was committed.
+        """
+        target = lsn + 1
+        if target >= self.next_lsn:
+            return
+        self.sync()
+        store = self.store
+        offset, batch = store.plan_cut(target)
+        try:
+            meta = store.meta.with_(cut=target, cut_offset=offset, cut_batch=batch)
+            _meta.write_meta(self.io, store.path, meta)
+            store.meta = meta
+            self.io.close(self.fd)
+            self.fd = -1
+            store.cut(self.segment_size)
+            last = store.recover_last(self.segment_size)
+        except BaseException as exc:
+            self.failed = exc
+            raise
+        self.fd, self.first, self.salt = last.fd, last.first_lsn, last.salt
+        self.end, self.next_lsn, self.index = last.end, last.next_lsn, last.index
+        self._dirty = False
+        self._refused = None
+        if self._zero is not None:
+            self._zero.use(store.segment_path(self.first), self.end)
 
     def _rotate(self, first_lsn: int) -> None:
         """Start the segment for `first_lsn`, seal the old one, and make the new one last.

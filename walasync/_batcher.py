@@ -101,6 +101,10 @@ class Batcher:
         self._records: list[bytes] = []
         self._futures: list[asyncio.Future[int] | None] = []
         self._pending_bytes = 0  # record bytes plus their length-table entries
+        self._units = False  # the queue may hold a unit of several records
+        # Records at the head of the queue that may still be sent while a truncate_back
+        # waits (those queued before it); None when no cut waits.
+        self._fence: int | None = None
         self._reserved = 0  # bytes granted to appenders that left the space queue
         self._space_waiters: deque[tuple[asyncio.Future[None], int]] = deque()
         self._sync_waiters: list[tuple[int, asyncio.Future[None]]] = []
@@ -203,6 +207,7 @@ class Batcher:
             self._records += records
             self._futures.append(fut)
             self._futures += [None] * (len(records) - 1)
+            self._units = len(records) > 1 or self._units
         self._pending_bytes += size
         if self._idle:
             self._start()
@@ -253,12 +258,15 @@ class Batcher:
         """Remove the next batch from the queue: everything, or as many whole units as fit
         in `max_batch_bytes` (at least one)."""
         records, futures = self._records, self._futures
-        if self._pending_bytes <= self._max_batch:
+        fence = self._fence
+        limit = len(records) if fence is None else fence
+        if self._pending_bytes <= self._max_batch and limit == len(records):
             self._records, self._futures = [], []
             self._pending_bytes = 0
+            self._units = False
         else:
             total = cut = 0
-            while cut < len(records):
+            while cut < limit:
                 end = cut + 1
                 while end < len(futures) and futures[end] is None:
                     end += 1
@@ -270,6 +278,8 @@ class Batcher:
             records, self._records = records[:cut], records[cut:]
             futures, self._futures = futures[:cut], futures[cut:]
             self._pending_bytes -= total
+        if fence is not None:
+            self._fence = fence - len(records)
         if self._space_waiters:
             self._grant_space()
         return records, futures
@@ -286,17 +296,21 @@ class Batcher:
 
     def _send(self) -> None:
         self._timer = None
-        if self.failure is not None or not self._records:
+        if self.failure is not None or not self._records or self._fence == 0:
             self._idle = len(self._flight) < _PIPELINE
             return
+        units = self._units
         records, futures = self._take()
+        # The records that share a unit with the next one: written down, so that a cut
+        # (truncate_back) never splits a unit, even after a restart.
+        joined = [i for i in range(len(futures) - 1) if futures[i + 1] is None] if units else ()
         first = self.next_lsn
         self.next_lsn = first + len(records)
         self.in_flight += len(records)
         self._flight.append((first, futures))
         self._idle = len(self._flight) < _PIPELINE
         self._worker.submit(
-            self._loop, self.appender.write_batch, (first, records, self._fsync), self._sent
+            self._loop, self.appender.write_batch, (first, records, self._fsync, joined), self._sent
         )
 
     def _sent(self, _: object, exc: BaseException | None) -> None:
@@ -386,6 +400,43 @@ class Batcher:
                 self._fail(exc, [])
                 raise self.broken() from exc
             self.synced_lsn = max(self.synced_lsn, acked)
+
+    async def truncate_back(self, lsn: int, first_lsn: int) -> None:
+        """Write out what was queued before the call, hold what comes after, then cut
+        after `lsn`; the held records follow the cut (their LSNs start at `lsn + 1`).
+
+        Raises:
+            ValueError: `lsn` is outside `first_lsn - 1 .. last_lsn`, or inside a unit.
+            BrokenLogError: a write failed, or the cut did (reopen to finish it).
+        """
+        self._fence = len(self._records)
+        try:
+            target = self.next_lsn - 1 + len(self._records)
+            if self.acked_lsn < target:
+                done: asyncio.Future[None] = self._loop.create_future()
+                self._sync_waiters.append((target, done))
+                await done
+            self.check()
+            if not first_lsn - 1 <= lsn <= self.acked_lsn:
+                raise ValueError(
+                    f"truncate_back({lsn}): lsn must be in {first_lsn - 1}..{self.acked_lsn}"
+                )
+            try:
+                await self._worker.run(self.appender.truncate_back, lsn)
+            except ValueError:
+                raise
+            except Exception as exc:
+                self._fail(exc, [])
+                raise self.broken() from exc
+            removed = self.next_lsn - (lsn + 1)  # nothing is in flight
+            self.next_lsn = lsn + 1
+            self.acked_lsn = self.synced_lsn = lsn
+            self._sync_waiters = [(t - removed, d) for t, d in self._sync_waiters]
+            self._wake_syncers()
+        finally:
+            self._fence = None
+            if self._records and self._idle and self.failure is None:
+                self._start()
 
     def _wake_syncers(self) -> None:
         still = []

@@ -22,7 +22,8 @@ A batch frame holds every record of one group commit:
      12  u32  record count (at least 1)
      16  u64  LSN of the first record
     payload
-      count x u32   record lengths
+      count x u32   record lengths; in format 2 the top bit (UNIT_JOINED) marks a record
+                  whose `append_many` unit goes on with the next record
       the records' bytes, concatenated
     zero padding to a multiple of 8 bytes
 
@@ -61,6 +62,7 @@ __all__ = (
     "SEAL_MAGIC",
     "SEGMENT_HEADER",
     "SEGMENT_MAGIC",
+    "UNIT_JOINED",
     "BatchHeader",
     "FormatError",
     "SegmentHeader",
@@ -71,6 +73,7 @@ __all__ = (
     "encode_batch",
     "encode_seal",
     "encode_segment_header",
+    "joined_records",
     "padded",
     "parse_batch_header",
     "parse_seal_header",
@@ -83,6 +86,7 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # 1: no seal frames
 SEAL_MAGIC = 0x31534C57  # b"WLS1" little-endian
 INDEX_INTERVAL = 16 << 10  # bytes of batches between two entries of a segment's index
+UNIT_JOINED = 0x80000000  # in a record's length: the next record is of the same unit
 SEGMENT_HEADER = 32
 BATCH_HEADER = 24
 BATCH_MAGIC = 0x31424C57  # b"WLB1" little-endian
@@ -155,12 +159,21 @@ def decode_segment_header(buf: bytes) -> SegmentHeader:
     return SegmentHeader(first_lsn, salt)
 
 
-def encode_batch(first_lsn: int, records: Sequence[bytes], salt: int) -> tuple[bytes, bytes]:
-    """Encode one batch as (header, padded payload), ready for one `pwritev`."""
+def encode_batch(
+    first_lsn: int, records: Sequence[bytes], salt: int, joined: Sequence[int] = ()
+) -> tuple[bytes, bytes]:
+    """Encode one batch as (header, padded payload), ready for one `pwritev`.
+
+    `joined` lists the positions of the records that share an `append_many` unit with the
+    record after them (their length entry carries UNIT_JOINED), so that a cut can tell
+    where units end.
+    """
     lengths = array("I", map(len, records))
     length = 4 * len(lengths) + sum(lengths)
     if length > MAX_PAYLOAD:
         raise ValueError("a batch payload cannot exceed 4 GiB")
+    for i in joined:
+        lengths[i] |= UNIT_JOINED
     if _SWAP:
         lengths.byteswap()
     body = b"".join((lengths.tobytes(), *records, _PADS[-length & 7]))
@@ -227,6 +240,14 @@ def check_batch(head: BatchHeader, payload: bytes | memoryview, salt: int) -> bo
     return crc32c(payload, crc32c(fields)) == head.crc
 
 
+def _lengths(head: BatchHeader, payload: bytes) -> array[int]:
+    lengths = array("I")
+    lengths.frombytes(payload[: head.nrecords * 4])
+    if _SWAP:
+        lengths.byteswap()
+    return lengths
+
+
 def decode_records(head: BatchHeader, payload: bytes) -> list[bytes]:
     """Split a checked payload into its records.
 
@@ -234,11 +255,15 @@ def decode_records(head: BatchHeader, payload: bytes) -> list[bytes]:
         FormatError: the length table does not add up to the payload size.
     """
     table = head.nrecords * 4
-    lengths = array("I")
-    lengths.frombytes(payload[:table])
-    if _SWAP:
-        lengths.byteswap()
-    if table + sum(lengths) != head.length:
-        raise FormatError("record lengths do not add up to the batch length")
+    lengths = _lengths(head, payload)
+    if table + sum(lengths) != head.length:  # units are marked, or the table is wrong
+        lengths = array("I", [n & ~UNIT_JOINED for n in lengths])
+        if table + sum(lengths) != head.length:
+            raise FormatError("record lengths do not add up to the batch length")
     ends = list(accumulate(lengths, initial=table))
     return [payload[a:b] for a, b in pairwise(ends)]
+
+
+def joined_records(head: BatchHeader, payload: bytes) -> list[int]:
+    """Positions of the batch's records that share a unit with the record after them."""
+    return [i for i, n in enumerate(_lengths(head, payload)) if n & UNIT_JOINED]

@@ -50,8 +50,8 @@ class Options:
                 raise ValueError(f"{name} must be a positive int, not {value!r}")
         if self.segment_size < 4 * KiB:
             raise ValueError("segment_size must be at least 4096 bytes")
-        if self.max_record_size > 0xFFFFFFFF - 64:
-            raise ValueError("max_record_size must be below 4 GiB")
+        if self.max_record_size > 0x7FFFFFFF - 64:
+            raise ValueError("max_record_size must be below 2 GiB")
         for name in ("max_batch_delay", "sync_interval"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:

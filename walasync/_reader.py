@@ -71,15 +71,20 @@ async def read_records(
         WalError: a read failed (the OSError is its cause).
     """
     loop = asyncio.get_running_loop()
+    cuts = store.cuts
+    ncuts = len(cuts)  # truncate_back calls before this read began
+    cut = stop + 1  # records from here on were removed by a truncate_back since
 
     def truncated(exc: BaseException | None = None) -> WalError:
         """Why a read failed: a truncation that removed its records (first_lsn moves up
         before any file is deleted, so checking it after a read is enough), or `exc`."""
-        if start < store.meta.first_lsn:
-            err = TruncatedError(
-                f"records from {start} to {store.meta.first_lsn - 1} were truncated while "
-                "this read ran"
+        if start < store.meta.first_lsn or start >= cut:
+            what = (
+                f"records from {start} to {store.meta.first_lsn - 1}"
+                if start < store.meta.first_lsn
+                else f"records from {cut} on"
             )
+            err = TruncatedError(f"{what} were truncated while this read ran")
             err.__cause__ = exc
             err.__suppress_context__ = True
             return err
@@ -106,7 +111,10 @@ async def read_records(
                 for offset, head, payload in batches:
                     if start > stop:
                         break
-                    if start < store.meta.first_lsn:
+                    if len(cuts) != ncuts:
+                        cut = min(cut, *cuts[ncuts:])
+                        ncuts = len(cuts)
+                    if start < store.meta.first_lsn or start >= cut:
                         raise truncated()
                     try:
                         records = fmt.decode_records(head, payload)
@@ -117,7 +125,7 @@ async def read_records(
                     if skip > 0:
                         del records[:skip]
                         lsn = start
-                    last = min(stop, head.first_lsn + head.nrecords - 1)
+                    last = min(stop, head.first_lsn + head.nrecords - 1, cut - 1)
                     for data in records[: last - lsn + 1]:
                         yield Record(lsn, data)
                         lsn += 1

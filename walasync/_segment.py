@@ -34,6 +34,7 @@ __all__ = (
     "repair_tail",
     "scan_tail",
     "segment_name",
+    "zero_after",
 )
 
 SPARE_NAME = "spare.tmp"
@@ -299,6 +300,13 @@ def repair_tail(io: FileIO, fd: int, path: str, tail: Tail) -> None:
     if tail.junk > tail.end and not tail.sealed:
         io.zero_fill(fd, tail.end, tail.junk)
         io.fdatasync(fd)
+
+
+def zero_after(io: FileIO, fd: int, start: int) -> None:
+    """Write zeros from `start` to the last non-zero byte of the file (not synced)."""
+    end = _last_nonzero(io, fd, start, io.size(fd))
+    if end > start:
+        io.zero_fill(fd, start, end)
 
 
 def _last_nonzero(io: FileIO, fd: int, start: int, stop: int) -> int:

@@ -68,6 +68,7 @@ class Store:
         # The index of each segment that has one known: the last segment's (kept by the
         # writer as it writes), and those of sealed segments read so far.
         self.indexes: dict[int, seg.Index] = {}
+        self.cuts: list[int] = []  # the first LSN each truncate_back removed, in order
 
     @classmethod
     def open(cls, io: FileIO, path: str) -> Store:
@@ -150,6 +151,8 @@ class Store:
                     "segment missing: the log has no segment files left",
                 )
             self.meta = meta
+            if meta.cut:
+                self.cut(segment_size)
             self._drop_truncated()
         elif self.segments:
             if first_lsn is not None and first_lsn != self.segments[0]:
@@ -157,7 +160,7 @@ class Store:
                     f"the log at {self.path} starts at LSN {self.segments[0]}, not {first_lsn}"
                 )
             first_lsn = self.segments[0]
-        last = self._recover_last(segment_size, first_lsn or 1)
+        last = self.recover_last(segment_size, first_lsn or 1)
         if meta is None:  # a new log, or one written before META existed
             origin = self.segments[0]
             self.meta = Meta(os.urandom(16), origin, origin)
@@ -227,7 +230,72 @@ class Store:
             total -= size
         return out
 
-    def _recover_last(self, segment_size: int, first_lsn: int) -> LastSegment:
+    def plan_cut(self, target: int) -> tuple[int, bytes]:
+        """Where a cut that removes the records from `target` on goes: (offset in the
+        segment holding `target`, the batch to write there: the records of the batch
+        holding `target` that come before it, or nothing if `target` starts a batch).
+
+        Raises:
+            ValueError: the cut would split an `append_many` unit.
+        """
+        first = self.segments[self.locate(target)]
+        path = self.segment_path(first)
+        io = self.io
+        fd = io.open_read(path)
+        try:
+            salt = seg.read_header(io, fd, path, first)
+            scan = seg.Scan(io, fd, path, salt, fmt.SEGMENT_HEADER, first)
+            index = self.indexes.get(first)
+            found = index.find(target) if index is not None else None
+            if found is not None:
+                scan.seek(*found)
+            scan.skip_to(target)
+            offset = scan.offset
+            batches = scan.batches(fmt.BATCH_HEADER)
+        finally:
+            io.close(fd)
+        if not batches or batches[0][1].first_lsn >= target:
+            return offset, b""
+        _, head, payload = batches[0]
+        keep = target - head.first_lsn
+        joined = [i for i in fmt.joined_records(head, payload) if i < keep]
+        if keep - 1 in joined:
+            raise ValueError(f"LSN {target - 1} is inside an append_many unit: cut at a unit's end")
+        records = fmt.decode_records(head, payload)[:keep]
+        return offset, b"".join(fmt.encode_batch(head.first_lsn, records, salt, joined))
+
+    def cut(self, segment_size: int) -> None:
+        """Finish the cut that META records (idempotent; after a crash too): delete the
+        segments after the one holding it, newest first; write its batch at its offset,
+        zero what follows, make it durable; then clear the cut from META."""
+        meta, io = self.meta, self.io
+        keep = self.locate(meta.cut)
+        first = self.segments[keep]
+        for gone in reversed(self.segments[keep + 1 :]):
+            self.indexes.pop(gone, None)
+            with contextlib.suppress(FileNotFoundError):
+                io.unlink(self.segment_path(gone))
+        self.segments = self.segments[: keep + 1]
+        io.fsync_dir(self.path)
+        self.indexes.pop(first, None)  # rebuilt by the recovery of what is now the last
+        fd = io.open(self.segment_path(first))
+        try:
+            end = meta.cut_offset + len(meta.cut_batch)
+            if meta.cut_batch:
+                io.pwritev(fd, [meta.cut_batch], meta.cut_offset)
+            seg.zero_after(io, fd, end)  # the rest of the batch, later ones, a seal
+            if io.size(fd) < segment_size:  # sealed, so cut short: room to write again
+                io.preallocate(fd, segment_size)
+            io.fdatasync(fd)
+        finally:
+            io.close(fd)
+        self.meta = meta.with_(cut=0, cut_offset=0, cut_batch=b"")
+        _meta.write_meta(io, self.path, self.meta)
+        self.cuts.append(meta.cut)
+
+    def recover_last(self, segment_size: int, first_lsn: int = 1) -> LastSegment:
+        """Open the last segment for writing (creating the first at `first_lsn` if there is
+        none), repair its tail and make it durable."""
         io = self.io
         expected: int | None = None  # where the data must end, once an empty segment went
         while True:

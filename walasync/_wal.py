@@ -215,6 +215,25 @@ class Wal:
             with _os_errors(f"truncating {self.path}"):
                 await self._worker.run(self._store.truncate_front, lsn)
 
+    async def truncate_back(self, lsn: int) -> None:
+        """Remove every record after `lsn` (undo a suffix, as a Raft follower must): the
+        next append gets `lsn + 1`. Durable when it returns: no crash brings a removed
+        record back, and none at or below `lsn` is lost.
+
+        Appends made before the call are written first (and removed if they land after
+        `lsn`); appends made while it runs wait, and follow the cut. A read that reaches
+        removed records raises `TruncatedError`.
+
+        Raises:
+            ValueError: `lsn` is below `first_lsn - 1` or above `last_lsn`, or the record
+                at `lsn` is not the last of its `append_many` unit (nothing changes).
+            BrokenLogError: the cut failed; reopening the log finishes it.
+            ClosedError, WrongLoopError.
+        """
+        self._batcher.check()
+        async with self._lifecycle:
+            await self._batcher.truncate_back(lsn, self.first_lsn)
+
     async def apply_retention(self) -> list[SegmentInfo]:
         """Drop the oldest sealed segments that the retention options (`retention_bytes`,
         `retention_age`) no longer keep, as `truncate_front` would, and return them.
