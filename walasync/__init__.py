@@ -10,6 +10,7 @@ from ._io import FileIO as FileIO
 from ._options import Durability as Durability
 from ._options import Options as Options
 from ._reader import Record as Record
+from ._readonly import ReadOnlyWal as ReadOnlyWal
 from ._store import SegmentInfo as SegmentInfo
 from ._wal import Wal as Wal
 from ._wal import open as open
@@ -35,6 +36,7 @@ __all__ = (
     "FileIO",
     "LockedError",
     "Options",
+    "ReadOnlyWal",
     "Record",
     "RecordTooLargeError",
     "SegmentInfo",
@@ -46,6 +48,6 @@ __all__ = (
     "open",
 )
 
-for _name in ("Durability", "FileIO", "Options", "Record", "SegmentInfo", "Wal"):
+for _name in ("Durability", "FileIO", "Options", "ReadOnlyWal", "Record", "SegmentInfo", "Wal"):
     globals()[_name].__module__ = "walasync"
 del _name

@@ -175,7 +175,13 @@ class Appender:
         store = self.store
         offset, batch = store.plan_cut(target)
         try:
-            meta = store.meta.with_(cut=target, cut_offset=offset, cut_batch=batch)
+            meta = store.meta.with_(
+                cut=target,
+                cut_offset=offset,
+                cut_batch=batch,
+                cuts=store.meta.cuts + 1,
+                last_cut=target,
+            )
             _meta.write_meta(self.io, store.path, meta)
             store.meta = meta
             self.io.close(self.fd)

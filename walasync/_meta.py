@@ -7,18 +7,22 @@ the commit point of the operations that remove records: `truncate_front` raises
 bytes of the one batch it must rewrite) before touching any segment, and recovery finishes
 a cut it finds. Pure encoding here; the file operations take an I/O layer.
 
-    META (64 bytes, little-endian; a cut adds its batch after them)
+    META (72 bytes, little-endian; a cut adds its batch after them)
       0  8    META_MAGIC
       8  u16  version (1)
      10  u16  flags (0)
-     12  u32  reserved (0)
+     12  u32  cuts: how many truncate_back calls were committed, ever
      16  16   log id: random, chosen when the log is created, never changed
      32  u64  origin: the LSN the log was created to start at
      40  u64  first LSN: records below it are removed (truncate_front)
-     48  u64  cut: 0, or records after cut - 1 are being removed (truncate_back)
-     56  u32  cut offset: where the rewritten batch goes in the cut's segment
-     60  u32  CRC32C of bytes 0..60 and of everything after byte 64
+     48  u64  cut: 0, or records from this LSN on are being removed (truncate_back)
+     56  u64  last cut: the first LSN the last committed truncate_back removed
+     64  u32  cut offset: where the rewritten batch goes in the cut's segment
+     68  u32  CRC32C of bytes 0..68 and of everything after byte 72
     then, during a cut, the rewritten batch (header and padded payload), possibly empty
+
+A reader in another process (read-only opening) learns from "cuts" and "last cut" that the
+writer cut the log back since it last looked.
 """
 
 from __future__ import annotations
@@ -37,10 +41,10 @@ META_NAME = "META"
 TMP_NAME = "META.tmp"
 _MAGIC = b"WALAMETA"
 _VERSION = 1
-_HEAD = struct.Struct("<8sHHI16sQQQI")
+_HEAD = struct.Struct("<8sHHI16sQQQQI")
 _CRC = struct.Struct("<I")
 SIZE = _HEAD.size + _CRC.size
-assert SIZE == 64
+assert SIZE == 72
 
 
 class MetaError(Exception):
@@ -54,9 +58,11 @@ class Meta:
     log_id: bytes
     origin: int
     first_lsn: int
-    cut: int = 0  # 0, or 1 + the LSN a truncate_back in progress keeps up to
+    cut: int = 0  # 0, or the first LSN a truncate_back in progress removes
     cut_offset: int = 0
     cut_batch: bytes = b""
+    cuts: int = 0  # truncate_back calls committed, ever
+    last_cut: int = 0  # the first LSN the last of them removed
 
     def with_(self, **changes: object) -> Meta:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -66,11 +72,12 @@ class Meta:
             _MAGIC,
             _VERSION,
             0,
-            0,
+            self.cuts,
             self.log_id,
             self.origin,
             self.first_lsn,
             self.cut,
+            self.last_cut,
             self.cut_offset,
         )
         return head + _CRC.pack(crc32c(self.cut_batch, crc32c(head))) + self.cut_batch
@@ -79,7 +86,7 @@ class Meta:
     def decode(cls, data: bytes) -> Meta:
         if len(data) < SIZE:
             raise MetaError("META is incomplete")
-        magic, version, _f, _r, log_id, origin, first, cut, offset = _HEAD.unpack_from(data)
+        magic, version, _f, cuts, log_id, origin, first, cut, last, offset = _HEAD.unpack_from(data)
         if magic != _MAGIC:
             raise MetaError("META is not walasync's (bad magic)")
         (crc,) = _CRC.unpack_from(data, _HEAD.size)
@@ -87,7 +94,7 @@ class Meta:
             raise MetaError("META checksum mismatch")
         if version != _VERSION:
             raise MetaError(f"META version {version}; this walasync reads {_VERSION}")
-        return cls(log_id, origin, first, cut, offset, bytes(data[SIZE:]))
+        return cls(log_id, origin, first, cut, offset, bytes(data[SIZE:]), cuts, last)
 
 
 def read_meta(io: FileIO, directory: str) -> Meta | None:

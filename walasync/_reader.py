@@ -10,6 +10,7 @@ batch is larger) at a time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any, NamedTuple, TypeVar
 
@@ -75,9 +76,15 @@ async def read_records(
     ncuts = len(cuts)  # truncate_back calls before this read began
     cut = stop + 1  # records from here on were removed by a truncate_back since
 
-    def truncated(exc: BaseException | None = None) -> WalError:
+    async def truncated(exc: BaseException | None = None) -> WalError:
         """Why a read failed: a truncation that removed its records (first_lsn moves up
-        before any file is deleted, so checking it after a read is enough), or `exc`."""
+        before any file is deleted, so checking it after a read is enough), or `exc`. A
+        read-only reader learns of truncations by another process from META."""
+        nonlocal cut
+        if store.readonly and exc is not None:
+            with contextlib.suppress(Exception):
+                await loop.run_in_executor(None, store.reload_meta)
+            cut = min([cut, *cuts[ncuts:]])
         if start < store.meta.first_lsn or start >= cut:
             what = (
                 f"records from {start} to {store.meta.first_lsn - 1}"
@@ -95,9 +102,9 @@ async def read_records(
         try:
             return await loop.run_in_executor(None, fn, *args)
         except WalError as exc:
-            raise truncated(exc)  # noqa: B904 - the cause is set
+            raise await truncated(exc)  # noqa: B904 - the cause is set
         except OSError as exc:
-            raise truncated(map_os_error(exc, f"reading {store.path}"))  # noqa: B904
+            raise await truncated(map_os_error(exc, f"reading {store.path}"))  # noqa: B904
 
     index = store.locate(start, segments)
     start = max(start, segments[0]) if segments else start
@@ -112,14 +119,14 @@ async def read_records(
                     if start > stop:
                         break
                     if len(cuts) != ncuts:
-                        cut = min(cut, *cuts[ncuts:])
+                        cut = min([cut, *cuts[ncuts:]])
                         ncuts = len(cuts)
                     if start < store.meta.first_lsn or start >= cut:
-                        raise truncated()
+                        raise await truncated()
                     try:
                         records = fmt.decode_records(head, payload)
                     except fmt.FormatError as exc:
-                        raise truncated(CorruptionError(path, offset, str(exc))) from None
+                        raise await truncated(CorruptionError(path, offset, str(exc))) from None
                     lsn = head.first_lsn
                     skip = start - lsn
                     if skip > 0:
@@ -147,6 +154,6 @@ async def read_records(
                 if follows is not None
                 else "the end of the log"
             )
-            raise truncated(
+            raise await truncated(
                 CorruptionError(path, scan.offset, f"expected LSN {scan.next_lsn}, found {what}")
             )

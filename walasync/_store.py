@@ -69,6 +69,8 @@ class Store:
         # writer as it writes), and those of sealed segments read so far.
         self.indexes: dict[int, seg.Index] = {}
         self.cuts: list[int] = []  # the first LSN each truncate_back removed, in order
+        self.readonly = False
+        self._tail: LastSegment | None = None  # (read-only) the last segment as last seen
 
     @classmethod
     def open(cls, io: FileIO, path: str) -> Store:
@@ -99,6 +101,76 @@ class Store:
             io.close(lock_fd)
             raise
         return cls(io, path, lock_fd, names)
+
+    @classmethod
+    def open_readonly(cls, io: FileIO, path: str) -> Store:
+        """A catalogue for reading a log another process may be writing: no lock, and
+        nothing is ever written.
+
+        Raises:
+            FileNotFoundError: there is no directory at `path`.
+        """
+        if not path:
+            raise ValueError("a log path must not be empty")
+        path = os.path.abspath(path)
+        store = cls(io, path, -1, io.listdir(path))
+        store.readonly = True
+        return store
+
+    def refresh(self) -> int:
+        """(Read-only stores.) Look at the log again, reading only what changed: META, the
+        list of segments, the batches written since; return the LSN after the last valid
+        batch. A torn or half-written tail is where the data ends for now.
+
+        Raises:
+            CorruptionError: not a walasync log (no segment), or META is damaged.
+        """
+        io = self.io
+        meta = self._read_meta()
+        names = io.listdir(self.path)
+        segments = tuple(sorted(lsn for lsn in map(seg.parse_name, names) if lsn is not None))
+        if not segments:
+            raise CorruptionError(self.path, 0, "not a walasync log: it has no segment file")
+        if meta is None:
+            meta = Meta(b"", segments[0], segments[0])
+        cut = meta.cut or (meta.last_cut if meta.cuts != self.meta.cuts else 0)
+        if cut and self._tail is not None:
+            self.cuts.append(cut)  # readers that began before stop there
+        self.meta, self.segments = meta, segments
+        tail = self._tail
+        last = segments[-1]
+        if tail is None or tail.first_lsn != last or cut:
+            path = self.segment_path(last)
+            fd = io.open_read(path)
+            try:
+                salt = seg.read_header(io, fd, path, last)
+            finally:
+                io.close(fd)
+            tail = LastSegment(-1, last, salt, fmt.SEGMENT_HEADER, last, seg.Index())
+            self.indexes[last] = tail.index
+        path = self.segment_path(last)
+        fd = io.open_read(path)
+        try:
+            scan = seg.Scan(io, fd, path, tail.salt, tail.end, tail.next_lsn)
+            while scan.end is None:
+                for offset, head, _ in scan.batches():
+                    tail.index.add(head.first_lsn, offset)
+        finally:
+            io.close(fd)
+        tail.end, tail.next_lsn = scan.offset, scan.next_lsn
+        self._tail = tail
+        return min(tail.next_lsn, meta.cut) if meta.cut else tail.next_lsn
+
+    def reload_meta(self) -> None:
+        """(Read-only stores.) Re-read META only: after a read failed, to tell a
+        truncation by the writer from damage."""
+        meta = self._read_meta()
+        if meta is None:
+            return
+        cut = meta.cut or (meta.last_cut if meta.cuts != self.meta.cuts else 0)
+        if cut:
+            self.cuts.append(cut)
+        self.meta = meta
 
     def segment_path(self, first_lsn: int) -> str:
         return os.path.join(self.path, seg.segment_name(first_lsn))

@@ -15,13 +15,14 @@ import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Iterator
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal, overload
 
 from ._appender import Appender
 from ._batcher import Batcher
 from ._io import FileIO
 from ._options import Durability, Options
 from ._reader import Record, read_records
+from ._readonly import _ReadOnlyOpener, open_readonly
 from ._store import LastSegment, SegmentInfo, Store
 from ._worker import Worker
 from .errors import BrokenLogError, ClosedError, TruncatedError, WalError, map_os_error
@@ -413,9 +414,21 @@ class _Opener:
         return Wal(store, last, worker, opts, self._io, self._on_drop)
 
 
+@overload
 def open(
     path: str | os.PathLike[str],
     *,
+    readonly: Literal[True],
+    io: FileIO | None = None,
+    poll_interval: float = 0.05,
+) -> _ReadOnlyOpener: ...
+
+
+@overload
+def open(
+    path: str | os.PathLike[str],
+    *,
+    readonly: Literal[False] = False,
     io: FileIO | None = None,
     durability: Durability | str = Options.durability,
     segment_size: int = Options.segment_size,
@@ -428,7 +441,27 @@ def open(
     retention_age: float | None = None,
     on_segment_drop: DropHook | None = None,
     first_lsn: int | None = None,
-) -> _Opener:
+) -> _Opener: ...
+
+
+def open(
+    path: str | os.PathLike[str],
+    *,
+    readonly: bool = False,
+    io: FileIO | None = None,
+    durability: Durability | str = Options.durability,
+    segment_size: int = Options.segment_size,
+    max_record_size: int = Options.max_record_size,
+    max_batch_bytes: int = Options.max_batch_bytes,
+    max_batch_delay: float = Options.max_batch_delay,
+    max_pending_bytes: int = Options.max_pending_bytes,
+    sync_interval: float = Options.sync_interval,
+    retention_bytes: int | None = None,
+    retention_age: float | None = None,
+    on_segment_drop: DropHook | None = None,
+    first_lsn: int | None = None,
+    poll_interval: float = 0.05,
+) -> _Opener | _ReadOnlyOpener:
     """Open (creating if needed) the log in directory `path`, lock it and recover it.
 
     Use `wal = await walasync.open(path)` or `async with walasync.open(path) as wal:`.
@@ -436,6 +469,10 @@ def open(
     I/O layer (`walasync.FileIO` or a subclass), to observe or inject faults in tests.
     `first_lsn` makes a new log start at that LSN (a replica restored from elsewhere, a log
     continuing another's numbering); on an existing log it must be the one it started at.
+
+    With `readonly=True`, open it for reading only (a `ReadOnlyWal`), in a process that
+    is not the writer's: no lock, no file is ever written or repaired, the directory must
+    exist; followers look for new records every `poll_interval` seconds.
 
     Raises:
         ValueError: `path` is empty, an option is out of range, or `first_lsn` is below 1
@@ -446,6 +483,8 @@ def open(
         DiskFullError: the disk has no room for the first segment.
         WalError: the directory cannot be created, opened or locked.
     """
+    if readonly:
+        return open_readonly(path, io or FileIO(), poll_interval)
     if not os.fspath(path):
         raise ValueError("a log path must not be empty (use '.' for the current directory)")
     options = Options(
