@@ -78,10 +78,10 @@ class Appender:
         self._refused: BaseException | None = None  # why the last batch was NotWritten
         self._unsynced: list[str] = []  # sealed segments never fdatasync'd (NONE mode)
         self._spare_pool = ThreadPoolExecutor(1, thread_name_prefix="walasync-prealloc")
-        self._spare: Future[int] | None = None
+        self._spare: Future[tuple[int, int]] | None = None  # (fd, previous salt)
         io = self.io
         self._zero = ZeroAhead(io, segment_size) if io.leaves_unwritten() else None
-        if self._zero is not None:
+        if self._zero is not None and not last.recycled:
             self._zero.use(store.segment_path(self.first), self.end)
 
     def write_batch(
@@ -196,7 +196,7 @@ class Appender:
         self._dirty = False
         self._refused = None
         if self._zero is not None:
-            self._zero.use(store.segment_path(self.first), self.end)
+            self._zero.use("" if last.recycled else store.segment_path(self.first), self.end)
 
     def _rotate(self, first_lsn: int) -> None:
         """Start the segment for `first_lsn`, seal the old one, and make the new one last.
@@ -208,7 +208,7 @@ class Appender:
         spare_path = os.path.join(self.store.path, seg.SPARE_NAME)
         spare, self._spare = self._spare, None
         try:
-            fd = spare.result() if spare is not None else self._make_spare()
+            fd, previous = spare.result() if spare is not None else self._make_spare()
         except OSError as exc:
             self._discard(-1, spare_path)
             raise NotWritten(exc) from exc
@@ -224,7 +224,7 @@ class Appender:
         if self._zero is not None:
             self._zero.claim(self.end + len(seal))  # no zeros over the seal
         try:
-            salt = seg.install(self.io, fd, spare_path, self.store.path, first_lsn)
+            salt = seg.install(self.io, fd, spare_path, self.store.path, first_lsn, previous)
         except OSError as exc:
             self._discard(fd, spare_path)
             raise NotWritten(exc) from exc
@@ -249,8 +249,8 @@ class Appender:
         self.store.add(first_lsn, self.index)
         self.rotations += 1
         self._dirty = False
-        if self._zero is not None:
-            self._zero.use(self.store.segment_path(first_lsn), self.end)
+        if self._zero is not None:  # a recycled file's blocks are written already
+            self._zero.use("" if previous else self.store.segment_path(first_lsn), self.end)
 
     def _discard(self, fd: int, spare_path: str) -> None:
         """Drop a spare file that will not become a segment (best effort)."""
@@ -259,8 +259,9 @@ class Appender:
                 self.io.close(fd)
             self.io.unlink(spare_path)
 
-    def _make_spare(self) -> int:
-        return seg.make_spare(self.io, self.store.path, self.segment_size)
+    def _make_spare(self) -> tuple[int, int]:
+        recycled = self.store.take_recycled()
+        return seg.make_spare(self.io, self.store.path, self.segment_size, recycled)
 
     def close(self, sync: bool = True) -> None:
         """Close the last segment and drop the spare; first fdatasync if `sync` (and fsync
@@ -281,6 +282,6 @@ class Appender:
         spare, self._spare = self._spare, None
         self._spare_pool.shutdown(wait=True)
         if spare is not None and spare.exception() is None:
-            self.io.close(spare.result())
+            self.io.close(spare.result()[0])
         with contextlib.suppress(FileNotFoundError):
             self.io.unlink(os.path.join(self.store.path, seg.SPARE_NAME))

@@ -9,7 +9,7 @@ zeros (the preallocated remainder).
      10  u16  flags (0)
      12  u32  salt: random per segment, mixed into every batch checksum of the segment
      16  u64  LSN of the first record
-     24  u32  reserved (0)
+     24  u32  the salt the file had before (a recycled segment), or 0
      28  u32  CRC32C of bytes 0..28
 
 A batch frame holds every record of one group commit:
@@ -92,7 +92,7 @@ BATCH_HEADER = 24
 BATCH_MAGIC = 0x31424C57  # b"WLB1" little-endian
 MAX_PAYLOAD = 0xFFFFFFFF
 
-_SEG = struct.Struct("<8sHHIQI")  # magic, version, flags, salt, first LSN, reserved
+_SEG = struct.Struct("<8sHHIQI")  # magic, version, flags, salt, first LSN, previous salt
 _SEG_CRC = struct.Struct("<I")
 _SALT = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -114,6 +114,7 @@ class SegmentHeader(NamedTuple):
 
     first_lsn: int
     salt: int
+    previous_salt: int = 0  # of the segment this file was before it was recycled
 
 
 class BatchHeader(NamedTuple):
@@ -134,8 +135,8 @@ def padded(n: int) -> int:
     return (n + 7) & ~7
 
 
-def encode_segment_header(first_lsn: int, salt: int) -> bytes:
-    head = _SEG.pack(SEGMENT_MAGIC, FORMAT_VERSION, 0, salt, first_lsn, 0)
+def encode_segment_header(first_lsn: int, salt: int, previous_salt: int = 0) -> bytes:
+    head = _SEG.pack(SEGMENT_MAGIC, FORMAT_VERSION, 0, salt, first_lsn, previous_salt)
     return head + _SEG_CRC.pack(crc32c(head))
 
 
@@ -148,7 +149,7 @@ def decode_segment_header(buf: bytes) -> SegmentHeader:
     """
     if len(buf) < SEGMENT_HEADER:
         raise FormatError("segment header is incomplete")
-    magic, version, _flags, salt, first_lsn, _reserved = _SEG.unpack_from(buf)
+    magic, version, _flags, salt, first_lsn, previous = _SEG.unpack_from(buf)
     if magic != SEGMENT_MAGIC:
         raise FormatError("not a walasync segment (bad magic)")
     (crc,) = _SEG_CRC.unpack_from(buf, _SEG.size)
@@ -156,7 +157,7 @@ def decode_segment_header(buf: bytes) -> SegmentHeader:
         raise FormatError("segment header checksum mismatch")
     if version not in READABLE_VERSIONS:
         raise ValueError(version)
-    return SegmentHeader(first_lsn, salt)
+    return SegmentHeader(first_lsn, salt, previous)
 
 
 def encode_batch(

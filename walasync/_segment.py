@@ -12,6 +12,7 @@ segment (found when it is read).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -24,6 +25,7 @@ from ._io import FileIO
 from .errors import CorruptionError, UnsupportedFormatError
 
 __all__ = (
+    "RECYCLE_NAME",
     "SPARE_NAME",
     "Index",
     "Scan",
@@ -38,6 +40,7 @@ __all__ = (
 )
 
 SPARE_NAME = "spare.tmp"
+RECYCLE_NAME = "recycle.tmp"  # a segment truncation freed, waiting to become the spare
 _NAME = re.compile(r"([0-9]{20})\.wal")
 _salts = random.Random()
 _CHUNK = 1 << 20
@@ -57,7 +60,12 @@ def parse_name(name: str) -> int | None:
 
 
 def read_header(io: FileIO, fd: int, path: str, expected: int) -> int:
-    """Check a segment's header against the LSN its name promises; return its salt.
+    """Check a segment's header against the LSN its name promises; return its salt."""
+    return read_full_header(io, fd, path, expected).salt
+
+
+def read_full_header(io: FileIO, fd: int, path: str, expected: int) -> fmt.SegmentHeader:
+    """Check a segment's header against the LSN its name promises, and return it.
 
     Raises:
         CorruptionError: the header is missing, damaged or disagrees with the name.
@@ -76,7 +84,7 @@ def read_header(io: FileIO, fd: int, path: str, expected: int) -> int:
         raise CorruptionError(
             path, 0, f"header says first LSN {head.first_lsn}, name says {expected}"
         )
-    return head.salt
+    return head
 
 
 class Scan:
@@ -270,8 +278,14 @@ class Tail:
     corrupt: int | None  # offset of a valid batch beyond invalid bytes (data lost), if any
 
 
-def scan_tail(io: FileIO, fd: int, path: str, first_lsn: int, salt: int) -> Tail:
-    """Walk a segment to the end of its valid data, without changing the file."""
+def scan_tail(
+    io: FileIO, fd: int, path: str, first_lsn: int, salt: int, recycled: bool = False
+) -> Tail:
+    """Walk a segment to the end of its valid data, without changing the file.
+
+    In a `recycled` file, what lies after the data is mostly the old segment's frames: the
+    junk to look at (a torn batch) ends where the first of them begins intact.
+    """
     scan = Scan(io, fd, path, salt, fmt.SEGMENT_HEADER, first_lsn)
     index = Index()
     while scan.end is None:
@@ -279,7 +293,8 @@ def scan_tail(io: FileIO, fd: int, path: str, first_lsn: int, salt: int) -> Tail
             index.add(head.first_lsn, offset)
     end = scan.offset
     after = end + scan.seal_size
-    junk = _last_nonzero(io, fd, after, scan.file_size)
+    stop = _stale_start(io, fd, after, scan.file_size, first_lsn) if recycled else scan.file_size
+    junk = _last_nonzero(io, fd, after, stop)
     corrupt = _valid_batch_after(scan, after, junk) if junk > after else None
     return Tail(end, scan.next_lsn, index, scan.end == "sealed", junk, corrupt)
 
@@ -302,9 +317,37 @@ def repair_tail(io: FileIO, fd: int, path: str, tail: Tail) -> None:
         io.fdatasync(fd)
 
 
-def zero_after(io: FileIO, fd: int, start: int) -> None:
-    """Write zeros from `start` to the last non-zero byte of the file (not synced)."""
-    end = _last_nonzero(io, fd, start, io.size(fd))
+def _stale_start(io: FileIO, fd: int, start: int, stop: int, first_lsn: int) -> int:
+    """The first 8-aligned offset after `start` holding the header of a frame of the file's
+    previous life (an LSN below this segment's first), or `stop`."""
+    magics = (fmt.BATCH_MAGIC.to_bytes(4, "little"), fmt.SEAL_MAGIC.to_bytes(4, "little"))
+    pos = start + 8
+    while pos < stop:
+        chunk = io.pread(fd, min(_SKIP_CHUNK, stop - pos) + fmt.BATCH_HEADER, pos)
+        found = []
+        for magic in magics:
+            i = chunk.find(magic)
+            while i != -1 and i + fmt.BATCH_HEADER <= len(chunk):
+                if (pos + i) % 8 == 0:
+                    head = fmt.parse_batch_header(chunk, i) or fmt.parse_seal_header(chunk, i)
+                    if head is not None and head.first_lsn < first_lsn:
+                        found.append(pos + i)
+                        break
+                i = chunk.find(magic, i + 1)
+        if found:
+            return min(min(found), stop)
+        pos += _SKIP_CHUNK
+    return stop
+
+
+def zero_after(io: FileIO, fd: int, start: int, recycled_first: int = 0) -> None:
+    """Write zeros from `start` to the last non-zero byte of the file (not synced); in a
+    recycled file, to where its old frames begin (`recycled_first`: the segment's first
+    LSN)."""
+    stop = io.size(fd)
+    if recycled_first:
+        stop = _stale_start(io, fd, start, stop, recycled_first)
+    end = _last_nonzero(io, fd, start, stop)
     if end > start:
         io.zero_fill(fd, start, end)
 
@@ -353,24 +396,39 @@ def _is_batch_at(scan: Scan, offset: int) -> bool:
     return fmt.check_batch(head, payload, scan.salt)
 
 
-def make_spare(io: FileIO, directory: str, size: int) -> int:
-    """Create the spare file (the next segment), preallocated to `size` bytes, durably.
+def make_spare(io: FileIO, directory: str, size: int, recycled: bool = False) -> tuple[int, int]:
+    """Make the spare file (the next segment) `size` bytes long, durably; return its file
+    descriptor and, for a `recycled` one (an old segment renamed to the spare's name), the
+    salt it had, so that its old frames are known for what they are.
 
     Preallocation is one fallocate or one ftruncate (see `FileIO.preallocate`), so a
-    writer killed meanwhile leaves no half-made spare to finish: recovery removes it.
+    writer killed meanwhile leaves no half-made spare to finish: recovery removes it. A
+    recycled file keeps its blocks, already written: batches cost less landing there.
     """
     fd = io.open(os.path.join(directory, SPARE_NAME), create=True)
+    previous = 0
     try:
-        io.truncate(fd, 0)
+        if recycled:
+            with contextlib.suppress(fmt.FormatError, ValueError):
+                previous = fmt.decode_segment_header(io.pread(fd, fmt.SEGMENT_HEADER, 0)).salt
+        else:
+            io.truncate(fd, 0)
         io.preallocate(fd, size)
         io.fdatasync(fd)
     except BaseException:
         io.close(fd)
         raise
-    return fd
+    return fd, previous
 
 
-def install(io: FileIO, fd: int, spare_path: str, directory: str, first_lsn: int) -> int:
+def install(
+    io: FileIO,
+    fd: int,
+    spare_path: str,
+    directory: str,
+    first_lsn: int,
+    previous_salt: int = 0,
+) -> int:
     """Turn a preallocated spare file into the segment starting at `first_lsn` and return the
     new segment's salt. The caller fsyncs the directory next.
 
@@ -379,7 +437,9 @@ def install(io: FileIO, fd: int, spare_path: str, directory: str, first_lsn: int
     untouched: a failure leaves only a spare file to discard.
     """
     salt = _salts.getrandbits(32)
-    io.pwritev(fd, [fmt.encode_segment_header(first_lsn, salt)], 0)
+    while salt in (0, previous_salt):  # a recycled file's old frames must never validate
+        salt = _salts.getrandbits(32)
+    io.pwritev(fd, [fmt.encode_segment_header(first_lsn, salt, previous_salt)], 0)
     io.fdatasync(fd)
     io.rename(spare_path, os.path.join(directory, segment_name(first_lsn)))
     return salt

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from bisect import bisect_right
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -39,6 +40,7 @@ class LastSegment:
     end: int  # where the next batch goes
     next_lsn: int
     index: seg.Index
+    recycled: bool = False  # the file was an older segment's: no zeros needed ahead
 
 
 class SegmentInfo(NamedTuple):
@@ -59,6 +61,8 @@ class Store:
         self.path = path
         self._lock_fd = lock_fd
         self._spare = seg.SPARE_NAME in names  # left by a writer that was killed
+        self._recycled = seg.RECYCLE_NAME in names  # a freed segment waits to be reused
+        self._recycle_lock = threading.Lock()  # taken by the spare's thread too
         self._meta_tmp = _meta.TMP_NAME in names  # likewise
         self.meta = Meta(b"", 0, 0)  # set by `recover`
         # First LSN of each segment, ascending; replaced, never mutated.
@@ -172,6 +176,29 @@ class Store:
             self.cuts.append(cut)
         self.meta = meta
 
+    def recycle(self, path: str) -> bool:
+        """Keep a segment file that truncation frees as the next spare (RocksDB's
+        `recycle_log_file_num`, PostgreSQL's recycled WAL segments): its blocks are already
+        written, so batches cost less there. One at a time; False if one is waiting."""
+        with self._recycle_lock:
+            if self._recycled or self.readonly:
+                return False
+            self.io.rename(path, os.path.join(self.path, seg.RECYCLE_NAME))
+            self._recycled = True
+            return True
+
+    def take_recycled(self) -> bool:
+        """Rename the waiting recycled file to the spare's name (on the spare's thread)."""
+        with self._recycle_lock:
+            if not self._recycled:
+                return False
+            self.io.rename(
+                os.path.join(self.path, seg.RECYCLE_NAME),
+                os.path.join(self.path, seg.SPARE_NAME),
+            )
+            self._recycled = False
+            return True
+
     def segment_path(self, first_lsn: int) -> str:
         return os.path.join(self.path, seg.segment_name(first_lsn))
 
@@ -274,6 +301,8 @@ class Store:
         for first in gone:
             self.indexes.pop(first, None)
             try:
+                if self.recycle(self.segment_path(first)):
+                    continue
                 self.io.unlink(self.segment_path(first))
             except FileNotFoundError:
                 pass
@@ -355,7 +384,9 @@ class Store:
             end = meta.cut_offset + len(meta.cut_batch)
             if meta.cut_batch:
                 io.pwritev(fd, [meta.cut_batch], meta.cut_offset)
-            seg.zero_after(io, fd, end)  # the rest of the batch, later ones, a seal
+            header = seg.read_full_header(io, fd, self.segment_path(first), first)
+            recycled_first = first if header.previous_salt else 0
+            seg.zero_after(io, fd, end, recycled_first)  # the rest of the batch, later ones
             if io.size(fd) < segment_size:  # sealed, so cut short: room to write again
                 io.preallocate(fd, segment_size)
             io.fdatasync(fd)
@@ -377,8 +408,9 @@ class Store:
             path = self.segment_path(last)
             fd = io.open(path)
             try:
-                salt = seg.read_header(io, fd, path, last)
-                tail = seg.scan_tail(io, fd, path, last, salt)
+                header = seg.read_full_header(io, fd, path, last)
+                salt, recycled = header.salt, header.previous_salt != 0
+                tail = seg.scan_tail(io, fd, path, last, salt, recycled)
                 if expected is not None and tail.next_lsn != expected:
                     raise CorruptionError(
                         path, tail.end, f"expected LSN {expected}, found the end of the data"
@@ -401,7 +433,9 @@ class Store:
                     io.fdatasync(fd)
                     io.fsync_dir(self.path)
                     self.indexes[last] = tail.index
-                    return LastSegment(fd, last, salt, tail.end, tail.next_lsn, tail.index)
+                    return LastSegment(
+                        fd, last, salt, tail.end, tail.next_lsn, tail.index, recycled
+                    )
             except BaseException:
                 io.close(fd)
                 raise
@@ -434,7 +468,7 @@ class Store:
     def _create(self, segment_size: int, first_lsn: int) -> LastSegment:
         if first_lsn < 1:
             raise ValueError(f"first_lsn must be >= 1, not {first_lsn}")
-        fd = seg.make_spare(self.io, self.path, segment_size)
+        fd, _ = seg.make_spare(self.io, self.path, segment_size)
         try:
             spare = os.path.join(self.path, seg.SPARE_NAME)
             salt = seg.install(self.io, fd, spare, self.path, first_lsn)
