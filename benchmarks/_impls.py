@@ -92,7 +92,16 @@ async def _walasync_cell(spec: Spec, counter: Any) -> Rep:
     opts: dict[str, Any] = {}
     if spec.segment_size is not None:
         opts["segment_size"] = spec.segment_size
+    steady = spec.impl == "walasync-steady"
+    segment = spec.segment_size or walasync.Options.segment_size
+    if steady:  # a log that has run for a while: retention drops, freed files are recycled
+        opts["retention_bytes"] = STEADY_SEGMENTS * segment
     wal = await walasync.open(spec.path, io=counter, **opts)
+    if steady:
+        unit = [b"p" * 4096] * 256
+        for _ in range((STEADY_SEGMENTS + 2) * segment // (4096 * 256)):
+            await wal.append_many(unit)
+        await wal.apply_retention()
     lat: list[int] = []
     win = Window.of(spec)
     counter.win = win
@@ -122,6 +131,9 @@ async def _walasync_cell(spec: Spec, counter: Any) -> Rep:
     finally:
         await wal.close()
     return make_rep(spec, lat, win, probe, per_sync=counter.per_sync())
+
+
+STEADY_SEGMENTS = 2  # walasync-steady: retention_bytes in segments
 
 
 def run_walasync(spec: Spec, uvloop: bool) -> Rep:

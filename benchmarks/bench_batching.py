@@ -10,6 +10,10 @@ Workloads (every counted record is durable, fdatasync'd or equivalent, before it
 Implementations, all writing under the same directory (so the same file system):
 
 * ``walasync-asyncio`` / ``walasync-uvloop``: walasync on the default loop and on uvloop.
+* ``walasync-steady``: walasync (uvloop) on a log that has run for a while: retention keeps
+  it at two segments, and the segments it frees are recycled, so batches land in blocks
+  written before (prefilled with 4 segments before the timed window; ``--full`` only, or
+  by ``--impl``).
 * ``raw``: one thread writing rounds of N ops' records as pwritev + fdatasync per batch (of at
   most 4 MiB): the disk's limit with no per-record work; latency is the round's time.
 * ``per-record``: threads doing pwrite + fdatasync per op under one threading.Lock.
@@ -61,6 +65,7 @@ from _report import Cell, Cells, Group, render, size_label, target_lines
 IMPLS = (
     "walasync-asyncio",
     "walasync-uvloop",
+    "walasync-steady",
     "raw",
     "per-record",
     "per-record-aiofiles",
@@ -71,7 +76,13 @@ IMPLS = (
 THREADED = ("per-record", "sqlite3", "rocksdb", "lmdb")
 SLOW = ("per-record", "per-record-aiofiles", "sqlite3", "lmdb")  # one writer at a time
 PEERS = ("per-record-aiofiles", "sqlite3", "rocksdb", "lmdb")  # --quick: at one N only
-REQUIRES = {"walasync-uvloop": "uvloop", "per-record-aiofiles": "aiofiles", "lmdb": "lmdb"}
+FULL_ONLY = ("walasync-steady",)  # --quick: only when asked for by --impl
+REQUIRES = {
+    "walasync-uvloop": "uvloop",
+    "walasync-steady": "uvloop",
+    "per-record-aiofiles": "aiofiles",
+    "lmdb": "lmdb",
+}
 MANY_N, MANY_BATCH = 16, 100
 MAX_THREADS = 256
 REP_OVERHEAD = 0.35  # seconds per repetition beyond warm-up + timed: process, open, close
@@ -121,7 +132,7 @@ def run_impl(spec: Spec) -> Rep:
 
     impl = spec.impl
     if impl.startswith("walasync-"):
-        return _impls.run_walasync(spec, uvloop=impl == "walasync-uvloop")
+        return _impls.run_walasync(spec, uvloop=impl != "walasync-asyncio")
     runners = {
         "raw": _impls.run_raw,
         "per-record": _impls.run_per_record,
@@ -138,6 +149,7 @@ def _preimport(spec: Spec) -> None:
     names = {
         "walasync-asyncio": ["walasync"],
         "walasync-uvloop": ["walasync", "uvloop"],
+        "walasync-steady": ["walasync", "uvloop"],
         "rocksdb": [spec.rocksdb_binding or ""],
     }.get(spec.impl, [REQUIRES.get(spec.impl, "")])
     import _impls
@@ -298,6 +310,8 @@ def make_plan(args: argparse.Namespace, preset: Preset, impls: list[str]) -> Pla
             if g.workload == "append" and impl in SLOW and g.n > args.slow_max_n:
                 continue  # noted below
             if not args.full and impl in PEERS and g.workload == "append" and g.n != quick_peer_n:
+                continue
+            if not args.full and impl in FULL_ONLY and args.impl == ",".join(IMPLS):
                 continue
             cell = cells[(g, impl)] = Cell(impl, g)
             module = REQUIRES.get(impl)
