@@ -429,3 +429,22 @@ async def test_no_room_for_the_first_segment_is_a_disk_full_error(log_dir: Path)
     assert not segment_files(log_dir)
     async with walasync.open(log_dir) as wal:  # once there is room, it opens as new
         assert await wal.append(b"x") == 1
+
+
+async def test_appends_once_close_has_begun_raise_closed_error(log_dir: Path) -> None:
+    wal = await walasync.open(log_dir)
+    assert await wal.append(b"before") == 1
+    closing = asyncio.ensure_future(wal.close())
+    try:
+        await asyncio.sleep(0)  # close() runs first: it has begun
+        assert wal.closed and "closing" in repr(wal)
+        with pytest.raises(ClosedError):
+            await wal.sync()
+        with pytest.raises(ClosedError):
+            await wal.append(b"late")
+        with pytest.raises(ClosedError):
+            await wal.append_many([b"late"])
+    finally:
+        await closing
+    async with walasync.open(log_dir) as wal:
+        assert wal.last_lsn == 1

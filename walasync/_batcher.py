@@ -489,10 +489,14 @@ class Batcher:
             self._idle = True
         self._check_drained()
 
-    async def close(self) -> None:
-        """Stop taking appends, write out everything queued, and fdatasync in INTERVAL mode."""
+    def refuse(self) -> None:
+        """Take no more appends (ClosedError from now on); what is queued still goes out."""
         self.closing = True
         self._set_limit()
+
+    async def close(self) -> None:
+        """Stop taking appends, write out everything queued, and fdatasync in INTERVAL mode."""
+        self.refuse()
         self._drained = self._loop.create_future()
         if self._timer is not None:  # no more waiting for company
             self._timer.cancel()

@@ -306,6 +306,7 @@ class Wal:
         """
         self._batcher.check_loop()
         if self._closer is None:
+            self._batcher.refuse()  # at once: `closed` is True from here on
             self._closer = asyncio.ensure_future(self._close())
         await asyncio.shield(self._closer)
 
