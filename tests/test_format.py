@@ -65,7 +65,31 @@ def test_segment_header_round_trip(first_lsn: int, salt: int) -> None:
     assert decoded == fmt.SegmentHeader(first_lsn, salt)
     assert (decoded.first_lsn, decoded.salt) == (first_lsn, salt)
     # Whatever follows the header (the first batch) is not part of it.
-    assert fmt.decode_segment_header(head + b"\xff" * 100) == (first_lsn, salt)
+    assert fmt.decode_segment_header(head + b"\xff" * 100) == (first_lsn, salt, 0)
+
+
+@given(U64, SALT, SALT)
+def test_a_recycled_segment_header_keeps_the_previous_salt(
+    first_lsn: int, salt: int, previous: int
+) -> None:
+    head = fmt.encode_segment_header(first_lsn, salt, previous)
+    assert fmt.decode_segment_header(head) == (first_lsn, salt, previous)
+
+
+@given(st.lists(st.binary(max_size=40), min_size=1, max_size=20), st.data())
+def test_unit_marks_round_trip_and_leave_records_unchanged(
+    records: list[bytes], data: st.DataObject
+) -> None:
+    joined = sorted(
+        data.draw(st.sets(st.integers(0, len(records) - 2))) if len(records) > 1 else set()
+    )
+    head_bytes, body = fmt.encode_batch(7, records, 0xABCD, joined)
+    head = fmt.parse_batch_header(head_bytes)
+    assert head is not None
+    payload = body[: head.length]
+    assert fmt.check_batch(head, payload, 0xABCD)
+    assert fmt.decode_records(head, payload) == records
+    assert fmt.joined_records(head, payload) == joined
 
 
 @given(U64, SALT)

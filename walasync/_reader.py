@@ -22,6 +22,7 @@ from .errors import CorruptionError, TruncatedError, WalError, map_os_error
 __all__ = ("Record", "read_records")
 
 CHUNK = 1 << 20
+FIRST_CHUNK = 64 << 10  # the first read after a seek: the first record comes sooner
 T = TypeVar("T")
 
 
@@ -112,9 +113,11 @@ async def read_records(
         first = segments[index]
         scan = await run(_open_scan, store, first, start)
         path = scan.path
+        size = FIRST_CHUNK
         try:
             while start <= stop:
-                batches = await run(scan.batches, CHUNK)
+                batches = await run(scan.batches, size)
+                size = CHUNK
                 for offset, head, payload in batches:
                     if start > stop:
                         break
