@@ -231,14 +231,12 @@ class Appender:
         self.io.fsync_dir(self.store.path)
         # The new segment exists durably: seal the old one, durably before any record goes
         # into the new one (a sealed last segment then proves its successor was lost).
-        old_fd, old_end = self.fd, self.end + len(seal)
+        old_fd = self.fd
+        self.io.pwritev(old_fd, (seal,), self.end)
+        self.io.truncate(old_fd, self.end + len(seal))
         if self.fsync:
-            self.io.write_durable(old_fd, (seal,), self.end)
-            self.io.truncate(old_fd, old_end)
             self.io.fdatasync(old_fd)
         else:  # NONE mode: flushed by the next sync()
-            self.io.pwritev(old_fd, (seal,), self.end)
-            self.io.truncate(old_fd, old_end)
             self._unsynced.append(self.store.segment_path(self.first))
         self.fd = fd
         self.io.close(old_fd)
