@@ -4,13 +4,15 @@ A read works on a snapshot taken when it starts: the segments that exist and the
 acknowledged LSN. Everything up to that LSN was fully written before it was acknowledged,
 so a read never sees a half-written batch, even while appends go on. File reads run in the
 loop's default executor; the loop only parses. Memory is one chunk (or one batch, if a
-batch is larger) at a time.
+batch is larger) at a time. A cancelled read lets the file work it started end before it
+raises: it closes every file it opened, and none while a read still uses it.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import contextlib
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, NamedTuple, TypeVar
 
 from . import _format as fmt
@@ -29,6 +31,19 @@ class Record(NamedTuple):
 
     lsn: int
     data: bytes
+
+
+async def _finish(job: asyncio.Future[T]) -> T:
+    """The result of an executor job. If the caller is cancelled meanwhile, the job (which
+    cannot be stopped) is left to end first, so that the caller knows every file it opened
+    and closes none under a read."""
+    try:
+        return await asyncio.shield(job)
+    except asyncio.CancelledError:
+        while not job.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait((job,))
+        raise
 
 
 def _open_scan(store: Store, first_lsn: int, start: int) -> seg.Scan:
@@ -61,7 +76,7 @@ def _open_scan(store: Store, first_lsn: int, start: int) -> seg.Scan:
 
 async def read_records(
     store: Store, segments: tuple[int, ...], start: int, stop: int
-) -> AsyncIterator[Record]:
+) -> AsyncGenerator[Record, None]:
     """Yield the records with LSNs in [start, stop] from `segments`, a snapshot of the
     store's segment list.
 
@@ -71,19 +86,28 @@ async def read_records(
     """
     loop = asyncio.get_running_loop()
 
-    async def run(fn: Callable[..., T], *args: Any) -> T:
+    async def settle(job: asyncio.Future[T]) -> T:
         try:
-            return await loop.run_in_executor(None, fn, *args)
+            return await _finish(job)
         except WalError:
             raise
         except OSError as exc:
             raise map_os_error(exc, f"reading {store.path}") from exc
 
+    def run(fn: Callable[..., T], *args: Any) -> Awaitable[T]:
+        return settle(loop.run_in_executor(None, fn, *args))
+
     index = store.locate(start, segments)
     start = max(start, segments[0]) if segments else start
     while index < len(segments) and start <= stop:
         first = segments[index]
-        scan = await run(_open_scan, store, first, start)
+        opening = loop.run_in_executor(None, _open_scan, store, first, start)
+        try:
+            scan = await settle(opening)
+        except asyncio.CancelledError:  # the file was opened all the same
+            if not opening.cancelled() and opening.exception() is None:
+                await run(store.io.close, opening.result().fd)
+            raise
         path = scan.path
         try:
             while start <= stop:
