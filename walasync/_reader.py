@@ -6,6 +6,10 @@ so a read never sees a half-written batch, even while appends go on. File reads 
 loop's default executor; the loop only parses. Memory is one chunk (or one batch, if a
 batch is larger) at a time. A cancelled read lets the file work it started end before it
 raises: it closes every file it opened, and none while a read still uses it.
+
+A follower reads in passes, each a plain read: it takes the durable watermark, then the
+snapshot (which then holds every segment with a record up to the watermark), and reads up
+to the watermark; between passes it waits, holding no file, until the writer wakes it.
 """
 
 from __future__ import annotations
@@ -13,14 +17,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from . import _format as fmt
 from . import _segment as seg
 from ._store import Store
 from .errors import CorruptionError, WalError, map_os_error
 
-__all__ = ("Record", "read_records")
+__all__ = ("Record", "Watermark", "follow_records", "read_records")
 
 CHUNK = 1 << 20
 T = TypeVar("T")
@@ -31,6 +35,24 @@ class Record(NamedTuple):
 
     lsn: int
     data: bytes
+
+
+class Watermark(Protocol):
+    """The writer's side as a follower sees it (the batcher is one)."""
+
+    @property
+    def synced_lsn(self) -> int:
+        """Records up to this LSN are durable: a follower may read them."""
+        ...
+
+    def watch(self) -> asyncio.Future[None] | None:
+        """A future set once `synced_lsn` moves on, or None if it never will (closed);
+        raises `BrokenLogError` if the log failed."""
+        ...
+
+    def unwatch(self, fut: asyncio.Future[None]) -> None:
+        """Forget a future from `watch` that nobody awaits any more."""
+        ...
 
 
 async def _finish(job: asyncio.Future[T]) -> T:
@@ -147,3 +169,39 @@ async def read_records(
                 else "the end of the log"
             )
             raise CorruptionError(path, scan.offset, f"expected LSN {scan.next_lsn}, found {what}")
+
+
+async def follow_records(
+    store: Store, watermark: Watermark, start: int, stop: int
+) -> AsyncGenerator[Record, None]:
+    """Yield the records with LSNs in [start, stop] as they become durable (up to
+    `watermark.synced_lsn`), waiting for more between passes; end once the log is closed
+    and every record up to its last watermark was yielded.
+
+    Raises:
+        BrokenLogError: the log failed (raised once every durable record was yielded).
+        CorruptionError, WalError: as `read_records`.
+    """
+    while True:
+        upto = min(stop, watermark.synced_lsn)
+        if start <= upto:
+            # The watermark first: every segment with a record up to it is in the snapshot.
+            segments = store.snapshot()
+            async with contextlib.aclosing(read_records(store, segments, start, upto)) as rs:
+                async for record in rs:
+                    yield record
+            start = upto + 1
+        elif start > stop or not await _moved(watermark):
+            return
+
+
+async def _moved(watermark: Watermark) -> bool:
+    """Wait until the watermark moves: True once it has, False if it never will."""
+    fut = watermark.watch()
+    if fut is None:
+        return False
+    try:
+        await fut
+    finally:
+        watermark.unwatch(fut)  # if cancelled, nothing stays registered
+    return True
