@@ -106,6 +106,24 @@ async def read_records(
         CorruptionError: a batch up to `stop` is invalid, or the LSNs have a gap.
         WalError: a read failed (the OSError is its cause).
     """
+    async with contextlib.aclosing(_batches(store, segments, start, stop)) as batches:
+        async for lsn, records in batches:
+            for data in records:
+                yield Record(lsn, data)
+                lsn += 1
+
+
+async def _batches(
+    store: Store, segments: tuple[int, ...], start: int, stop: int
+) -> AsyncGenerator[tuple[int, list[bytes]], None]:
+    """Yield (LSN of the first, records) for the records with LSNs in [start, stop] from
+    `segments`, a batch (or the part of one in that range) at a time: the callers yield
+    each record themselves, one generator deep.
+
+    Raises:
+        CorruptionError: a batch up to `stop` is invalid, or the LSNs have a gap.
+        WalError: a read failed (the OSError is its cause).
+    """
     loop = asyncio.get_running_loop()
 
     async def settle(job: asyncio.Future[T]) -> T:
@@ -147,10 +165,10 @@ async def read_records(
                         del records[:skip]
                         lsn = start
                     last = min(stop, head.first_lsn + head.nrecords - 1)
-                    for data in records[: last - lsn + 1]:
-                        yield Record(lsn, data)
-                        lsn += 1
-                    start = lsn
+                    records = records[: last - lsn + 1]
+                    if records:
+                        yield lsn, records
+                    start = lsn + len(records)
                 if scan.end is not None:
                     break
         finally:
@@ -187,9 +205,11 @@ async def follow_records(
         if start <= upto:
             # The watermark first: every segment with a record up to it is in the snapshot.
             segments = store.snapshot()
-            async with contextlib.aclosing(read_records(store, segments, start, upto)) as rs:
-                async for record in rs:
-                    yield record
+            async with contextlib.aclosing(_batches(store, segments, start, upto)) as batches:
+                async for lsn, records in batches:
+                    for data in records:
+                        yield Record(lsn, data)
+                        lsn += 1
             start = upto + 1
         elif start > stop or not await _moved(watermark):
             return
