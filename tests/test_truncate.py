@@ -383,3 +383,36 @@ async def test_appends_during_truncate_back_follow_the_cut(log_dir: Path) -> Non
     assert min(after) == 81  # the first append after the cut gets 81, and all are there
     assert all(got[lsn] == data for lsn, data in after.items())
     assert min(before) == 101  # the appends before it were written first, then cut
+
+
+# -- followers and truncation ------------------------------------------------------------------
+
+
+async def test_a_follower_left_behind_by_truncate_front_gets_truncated_error(
+    log_dir: Path,
+) -> None:
+    async with walasync.open(log_dir, **small()) as wal:
+        await fill(wal, 100)
+        follower = wal.read(1, follow=True)
+        assert (await follower.__anext__()).lsn == 1
+        await wal.truncate_front(90)
+        with pytest.raises(TruncatedError):
+            async for _ in follower:
+                pass
+
+
+async def test_followers_and_truncate_back(log_dir: Path) -> None:
+    async with walasync.open(log_dir, **small()) as wal:
+        await fill(wal, 50)
+        ahead = wal.read(1, follow=True)  # will have yielded records the cut removes
+        got_ahead = [await ahead.__anext__() for _ in range(50)]
+        behind = wal.read(1, follow=True)  # will not have: it reads on, seamlessly
+        got_behind = [await behind.__anext__() for _ in range(30)]
+        await wal.truncate_back(40)
+        await wal.append(b"after the cut")
+        with pytest.raises(TruncatedError):
+            await ahead.__anext__()
+        got_behind += [await behind.__anext__() for _ in range(11)]
+        await behind.aclose()
+    assert [r.lsn for r in got_ahead] == list(range(1, 51))
+    assert [r.data for r in got_behind] == [record(i) for i in range(1, 41)] + [b"after the cut"]

@@ -23,6 +23,10 @@ Invariants:
   wait in FIFO order, so memory is bounded whatever the number of appenders.
 - The first failed write or fdatasync fails the log for good: that batch, everything
   pending and every later call raise `BrokenLogError`; fdatasync is never retried.
+- `synced_lsn` is the durable watermark: records up to it are fdatasync'd (in
+  `Durability.FSYNC` it moves with each acknowledged batch, otherwise with each sync).
+  Followers waiting for it to move are woken all at once when it does, when the log
+  breaks, and when `close()` ends; with none waiting, a batch costs one truth test more.
 """
 
 from __future__ import annotations
@@ -119,6 +123,9 @@ class Batcher:
         self.in_flight = 0  # records in the batches being written
         self.failure: BaseException | None = None
         self.closing = False
+        self.finished = False  # close() has ended: `synced_lsn` moves no more
+        # Futures of followers waiting for `synced_lsn` to move (see `watch`).
+        self._watchers: set[asyncio.Future[None]] = set()
         self._limit = self._max_pending  # what `put` may fill the queue to without a check
         self._ticker: asyncio.Task[None] | None = None
         if options.durability is Durability.INTERVAL:
@@ -341,6 +348,8 @@ class Batcher:
                 self._rotations = self.appender.rotations
                 self._on_rotate()
             self._resolve(futures, first, 0)
+            if self._watchers and self._fsync:  # after the first appenders: they send next
+                self._wake_watchers()
             if self._sync_waiters:
                 self._wake_syncers()
         if self._timer is None:
@@ -399,7 +408,10 @@ class Batcher:
             except Exception as exc:
                 self._fail(exc, [])
                 raise self.broken() from exc
-            self.synced_lsn = max(self.synced_lsn, acked)
+            if acked > self.synced_lsn:
+                self.synced_lsn = acked
+                if self._watchers:
+                    self._wake_watchers()
 
     async def truncate_back(self, lsn: int, first_lsn: int) -> None:
         """Write out what was queued before the call, hold what comes after, then cut
@@ -455,6 +467,34 @@ class Batcher:
                 with contextlib.suppress(BrokenLogError):
                     await self.sync()
 
+    def watch(self) -> asyncio.Future[None] | None:
+        """A future set (to None) once `synced_lsn` moves on from its value now, the log
+        breaks, or `close()` ends; None if `synced_lsn` will never move again (closed).
+
+        A follower awaits it only when it has read everything up to `synced_lsn`, so every
+        wake-up is one pass of reading: at most one per follower per batch.
+
+        Raises:
+            BrokenLogError: the log failed; `synced_lsn` will never move again.
+        """
+        if self.failure is not None:
+            raise self.broken()
+        if self.finished:
+            return None
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._watchers.add(fut)
+        return fut
+
+    def unwatch(self, fut: asyncio.Future[None]) -> None:
+        """Forget a watcher (its follower stopped waiting: it was cancelled, say)."""
+        self._watchers.discard(fut)
+
+    def _wake_watchers(self) -> None:
+        watchers, self._watchers = self._watchers, set()
+        for fut in watchers:
+            if not fut.done():  # done: cancelled, its follower not yet resumed to unwatch
+                fut.set_result(None)
+
     def broken(self) -> BrokenLogError:
         """A fresh error for one caller, chained to the failure that broke the log."""
         err = BrokenLogError(
@@ -482,6 +522,7 @@ class Batcher:
         self._pending_bytes = 0
         self._space_waiters.clear()
         self._sync_waiters = []
+        self._wake_watchers()  # they see the failure in `watch`
         self._set_limit()
         if self._timer is not None:
             self._timer.cancel()
@@ -501,13 +542,17 @@ class Batcher:
         if self._timer is not None:  # no more waiting for company
             self._timer.cancel()
             self._send()
-        self._check_drained()
-        await self._drained
-        if self._ticker is not None:
-            self._ticker.cancel()
-            await asyncio.wait([self._ticker])
-            if self.failure is None:
-                await self.sync()
+        try:
+            self._check_drained()
+            await self._drained
+            if self._ticker is not None:
+                self._ticker.cancel()
+                await asyncio.wait([self._ticker])
+                if self.failure is None:
+                    await self.sync()
+        finally:
+            self.finished = True
+            self._wake_watchers()  # followers end once they have read up to `synced_lsn`
 
     def abandon(self) -> None:
         """Stop a log nobody closed (from `Wal.__del__`, on any thread): no more appends,
@@ -525,5 +570,5 @@ class Batcher:
         state = "broken" if self.failure else "closing" if self.closing else "open"
         return (
             f"<Batcher {state} pending={len(self._records)} in_flight={self.in_flight} "
-            f"acked={self.acked_lsn} synced={self.synced_lsn}>"
+            f"acked={self.acked_lsn} synced={self.synced_lsn} watchers={len(self._watchers)}>"
         )

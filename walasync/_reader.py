@@ -4,22 +4,27 @@ A read works on a snapshot taken when it starts: the segments that exist and the
 acknowledged LSN. Everything up to that LSN was fully written before it was acknowledged,
 so a read never sees a half-written batch, even while appends go on. File reads run in the
 loop's default executor; the loop only parses. Memory is one chunk (or one batch, if a
-batch is larger) at a time.
+batch is larger) at a time. A cancelled read lets the file work it started end before it
+raises: it closes every file it opened, and none while a read still uses it.
+
+A follower reads in passes, each a plain read: it takes the durable watermark, then the
+snapshot (which then holds every segment with a record up to the watermark), and reads up
+to the watermark; between passes it waits, holding no file, until the writer wakes it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
-from typing import Any, NamedTuple, TypeVar
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from . import _format as fmt
 from . import _segment as seg
 from ._store import Store
 from .errors import CorruptionError, TruncatedError, WalError, map_os_error
 
-__all__ = ("Record", "read_records")
+__all__ = ("Record", "Watermark", "follow_records", "read_records")
 
 CHUNK = 1 << 20
 FIRST_CHUNK = 64 << 10  # the first read after a seek: the first record comes sooner
@@ -31,6 +36,37 @@ class Record(NamedTuple):
 
     lsn: int
     data: bytes
+
+
+class Watermark(Protocol):
+    """The writer's side as a follower sees it (the batcher is one)."""
+
+    @property
+    def synced_lsn(self) -> int:
+        """Records up to this LSN are durable: a follower may read them."""
+        ...
+
+    def watch(self) -> asyncio.Future[None] | None:
+        """A future set once `synced_lsn` moves on, or None if it never will (closed);
+        raises `BrokenLogError` if the log failed."""
+        ...
+
+    def unwatch(self, fut: asyncio.Future[None]) -> None:
+        """Forget a future from `watch` that nobody awaits any more."""
+        ...
+
+
+async def _finish(job: asyncio.Future[T]) -> T:
+    """The result of an executor job. If the caller is cancelled meanwhile, the job (which
+    cannot be stopped) is left to end first, so that the caller knows every file it opened
+    and closes none under a read."""
+    try:
+        return await asyncio.shield(job)
+    except asyncio.CancelledError:
+        while not job.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait((job,))
+        raise
 
 
 def _open_scan(store: Store, first_lsn: int, start: int) -> seg.Scan:
@@ -63,12 +99,30 @@ def _open_scan(store: Store, first_lsn: int, start: int) -> seg.Scan:
 
 async def read_records(
     store: Store, segments: tuple[int, ...], start: int, stop: int
-) -> AsyncIterator[Record]:
+) -> AsyncGenerator[Record, None]:
     """Yield the records with LSNs in [start, stop] from `segments`, a snapshot of the
     store's segment list.
 
     Raises:
         TruncatedError: the records this read was at were truncated meanwhile.
+        CorruptionError: a batch up to `stop` is invalid, or the LSNs have a gap.
+        WalError: a read failed (the OSError is its cause).
+    """
+    async with contextlib.aclosing(_batches(store, segments, start, stop)) as batches:
+        async for lsn, records in batches:
+            for data in records:
+                yield Record(lsn, data)
+                lsn += 1
+
+
+async def _batches(
+    store: Store, segments: tuple[int, ...], start: int, stop: int
+) -> AsyncGenerator[tuple[int, list[bytes]], None]:
+    """Yield (LSN of the first, records) for the records with LSNs in [start, stop] from
+    `segments`, a batch (or the part of one in that range) at a time: the callers yield
+    each record themselves, one generator deep.
+
+    Raises:
         CorruptionError: a batch up to `stop` is invalid, or the LSNs have a gap.
         WalError: a read failed (the OSError is its cause).
     """
@@ -99,19 +153,30 @@ async def read_records(
         assert isinstance(exc, WalError)
         return exc
 
-    async def run(fn: Callable[..., T], *args: Any) -> T:
+    async def settle(job: asyncio.Future[T]) -> T:
         try:
-            return await loop.run_in_executor(None, fn, *args)
+            return await _finish(job)
         except WalError as exc:
             raise await truncated(exc)  # noqa: B904 - the cause is set
         except OSError as exc:
             raise await truncated(map_os_error(exc, f"reading {store.path}"))  # noqa: B904
 
+    def run(fn: Callable[..., T], *args: Any) -> Awaitable[T]:
+        return settle(loop.run_in_executor(None, fn, *args))
+
+    if start < store.meta.first_lsn:
+        raise await truncated()
     index = store.locate(start, segments)
     start = max(start, segments[0]) if segments else start
     while index < len(segments) and start <= stop:
         first = segments[index]
-        scan = await run(_open_scan, store, first, start)
+        opening = loop.run_in_executor(None, _open_scan, store, first, start)
+        try:
+            scan = await settle(opening)
+        except asyncio.CancelledError:  # the file was opened all the same
+            if not opening.cancelled() and opening.exception() is None:
+                await run(store.io.close, opening.result().fd)
+            raise
         path = scan.path
         size = FIRST_CHUNK
         try:
@@ -136,10 +201,10 @@ async def read_records(
                         del records[:skip]
                         lsn = start
                     last = min(stop, head.first_lsn + head.nrecords - 1, cut - 1)
-                    for data in records[: last - lsn + 1]:
-                        yield Record(lsn, data)
-                        lsn += 1
-                    start = lsn
+                    records = records[: last - lsn + 1]
+                    if records:
+                        yield lsn, records
+                    start = lsn + len(records)
                 if scan.end is not None:
                     break
         finally:
@@ -160,3 +225,57 @@ async def read_records(
             raise await truncated(
                 CorruptionError(path, scan.offset, f"expected LSN {scan.next_lsn}, found {what}")
             )
+
+
+async def follow_records(
+    store: Store, watermark: Watermark, start: int, stop: int
+) -> AsyncGenerator[Record, None]:
+    """Yield the records with LSNs in [start, stop] as they become durable (up to
+    `watermark.synced_lsn`), waiting for more between passes; end once the log is closed
+    and every record up to its last watermark was yielded.
+
+    Raises:
+        BrokenLogError: the log failed (raised once every durable record was yielded).
+        CorruptionError, WalError: as `read_records`.
+    """
+    cuts, seen = store.cuts, len(store.cuts)
+    while True:
+        if len(cuts) != seen:  # truncate_back: did it remove records this follower gave?
+            if min(cuts[seen:]) < start:
+                raise TruncatedError(
+                    f"records from {min(cuts[seen:])} on, some of them already yielded, were "
+                    "removed by truncate_back"
+                )
+            seen = len(cuts)
+        upto = min(stop, watermark.synced_lsn)
+        if start <= upto:
+            # The watermark first: every segment with a record up to it is in the snapshot.
+            segments = store.snapshot()
+            try:
+                async with contextlib.aclosing(_batches(store, segments, start, upto)) as batches:
+                    async for lsn, records in batches:
+                        for data in records:
+                            yield Record(lsn, data)
+                            lsn += 1
+                            start = lsn
+            except TruncatedError:
+                # A cut at or after what this follower gave is no loss to it: the records
+                # that follow the cut come in the next pass.
+                if start < store.meta.first_lsn or len(cuts) == seen or min(cuts[seen:]) < start:
+                    raise
+                continue
+            start = upto + 1
+        elif start > stop or not await _moved(watermark):
+            return
+
+
+async def _moved(watermark: Watermark) -> bool:
+    """Wait until the watermark moves: True once it has, False if it never will."""
+    fut = watermark.watch()
+    if fut is None:
+        return False
+    try:
+        await fut
+    finally:
+        watermark.unwatch(fut)  # if cancelled, nothing stays registered
+    return True

@@ -21,7 +21,7 @@ from ._appender import Appender
 from ._batcher import Batcher
 from ._io import FileIO
 from ._options import Durability, Options
-from ._reader import Record, read_records
+from ._reader import Record, follow_records, read_records
 from ._readonly import _ReadOnlyOpener, open_readonly
 from ._store import LastSegment, SegmentInfo, Store
 from ._worker import Worker
@@ -33,6 +33,7 @@ _log = logging.getLogger("walasync")
 __all__ = ("Wal", "open")
 
 Buffer = bytes | bytearray | memoryview
+_NO_END = 1 << 64  # past every LSN (a u64 on disk): a follower without `end`
 
 
 def _as_bytes(data: object) -> bytes:
@@ -168,12 +169,20 @@ class Wal:
         first = await self._batcher.put_many(datas)
         return range(first, first + len(datas))
 
-    def read(self, start: int | None = None, end: int | None = None) -> AsyncIterator[Record]:
+    def read(
+        self, start: int | None = None, end: int | None = None, *, follow: bool = False
+    ) -> AsyncIterator[Record]:
         """Iterate over records with LSNs from `start` (default: the first) to `end`.
 
         `end` defaults to, and is capped at, `last_lsn` at the time of this call: the
         iteration sees every record acknowledged before it, and none after. It streams in
         bounded memory and may run while appends continue.
+
+        With `follow=True` it does not stop there: it yields every record from `start` on
+        once it is durable (up to `synced_lsn`: `last_lsn` in `Durability.FSYNC`, the last
+        sync in the relaxed modes), waits for more without polling, and ends after `end`
+        (default: never) or once the log is closed and every record durable by then was
+        yielded.
 
         Raises:
             ValueError: `start` is below 1.
@@ -183,6 +192,8 @@ class Wal:
         Raises (during iteration):
             CorruptionError: an invalid batch or a gap in the LSNs, naming file and offset.
             WalError: a read failed.
+            BrokenLogError: following, the log failed; raised once every record durable
+                before the failure was yielded.
         """
         self._batcher.check_loop()
         if self.closed:
@@ -193,6 +204,9 @@ class Wal:
             raise ValueError(f"start must be >= 1, not {start}")
         if start < first:
             raise TruncatedError(f"records below {first} were truncated (asked from {start})")
+        if follow:
+            stop = _NO_END if end is None else end
+            return follow_records(self._store, self._batcher, start, stop)
         stop = self.last_lsn if end is None else min(end, self.last_lsn)
         return read_records(self._store, self._store.snapshot(), max(start, first), stop)
 
