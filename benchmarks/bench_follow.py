@@ -6,6 +6,8 @@ default ``Durability.FSYNC``), on uvloop when it is installed; 0, 1 and 16 follo
 count it reports:
 
 * appends/s: records acknowledged per second inside the timed window (after a warm-up);
+* ``r1``: one read-only follower (``walasync.open(path, readonly=True)``, in the same process
+  for the clock, looking at the files every 5 ms as a reader in another process would);
 * follower lag, p50 and p99 in ms: from the moment an ``append`` returned to the moment a
   follower yielded that record (every 16th LSN acknowledged in the window, every follower;
   a record yielded before its appender resumed counts as 0), however long after the
@@ -39,6 +41,7 @@ import walasync
 SAMPLE = 16  # lag is measured for LSNs that are multiples of this
 RECORD = b"f" * 100
 WARMUP = 0.5  # seconds before the timed window
+POLL = 0.005  # read-only followers: seconds between looks at the files
 
 
 def _run(main: Coroutine[Any, Any, dict[str, Any]]) -> tuple[dict[str, Any], str]:
@@ -49,12 +52,16 @@ def _run(main: Coroutine[Any, Any, dict[str, Any]]) -> tuple[dict[str, Any], str
     return uvloop.run(main), "uvloop"
 
 
-async def repetition(path: str, appenders: int, followers: int, duration: float) -> dict[str, Any]:
+async def repetition(
+    path: str, appenders: int, followers: int, duration: float, readonly: bool = False
+) -> dict[str, Any]:
     """One repetition: appends/s in the window, and the followers' lag percentiles for
     the LSNs acknowledged in it."""
     acked_at: dict[int, float] = {}  # sampled LSN -> when its append returned
     lags: list[tuple[int, float]] = []  # (sampled LSN, lag) as the followers yield them
     seen = [0] * followers
+    seen_so_far = [0] * followers
+    ro: list[Any] = []
     lo = 1 << 64  # the first LSN acknowledged in the window (known once it starts)
     stop = False
     acked = 0
@@ -73,8 +80,14 @@ async def repetition(path: str, appenders: int, followers: int, duration: float)
 
         async def follower(k: int) -> None:
             count = 0
-            async for rec in wal.read(follow=True):
+            source: Any = wal
+            if readonly:  # a reader that looks at the files, as another process would
+                source = await walasync.open(path, readonly=True, poll_interval=POLL)
+                await source.__aenter__()
+                ro.append(source)
+            async for rec in source.read(follow=True):
                 count += 1
+                seen_so_far[k] = rec.lsn
                 if rec.lsn % SAMPLE == 0 and rec.lsn >= lo:
                     t = acked_at.get(rec.lsn)  # None: yielded before its appender resumed
                     lags.append((rec.lsn, 0.0 if t is None else now() - t))
@@ -89,6 +102,11 @@ async def repetition(path: str, appenders: int, followers: int, duration: float)
         stop = True
         await asyncio.gather(*writers)
         last = wal.last_lsn
+        if readonly:  # let them catch up, then stop them
+            while min(seen_so_far) < last:  # noqa: ASYNC110 - a benchmark polling its own counters
+                await asyncio.sleep(POLL)
+            for source in ro:
+                await source.close()
     await asyncio.gather(*tasks)  # they end once the log is closed
     assert all(n == last for n in seen), (seen, last)
     window = sorted(lag for lsn, lag in lags if lsn <= hi)
@@ -101,7 +119,9 @@ async def repetition(path: str, appenders: int, followers: int, duration: float)
 
 def child(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        result, loop = _run(repetition(f"{tmp}/log", args.appenders, args.child, args.duration))
+        n, readonly = int(args.child.lstrip("r")), args.child.startswith("r")
+        log = f"{tmp}/log"
+        result, loop = _run(repetition(log, args.appenders, n, args.duration, readonly))
     print(json.dumps({**result, "loop": loop}))
 
 
@@ -114,25 +134,29 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--duration", type=float, default=3.0, help="seconds per timed window")
     p.add_argument("--reps", type=int, default=3, help="repetitions (interleaved)")
-    p.add_argument("--followers", default="0,1,16", help="follower counts, comma-separated")
+    p.add_argument(
+        "--followers",
+        default="0,1,16,r1",
+        help="follower counts, comma-separated; rN: N read-only followers (open(readonly=True))",
+    )
     p.add_argument("--appenders", type=int, default=256, help="concurrent appenders")
     p.add_argument("--dir", default=None, help="parent directory for the logs (a real disk)")
-    p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child is not None:
         child(args)
         return
-    counts = [int(c) for c in args.followers.split(",")]
+    counts = args.followers.split(",")
     print(
         f"# walasync {walasync.__version__} | python {platform.python_version()} | "
         f"{platform.platform()} | cpus {os.cpu_count()} | {args.appenders} appenders of "
         f"{len(RECORD)} B, {args.duration:g} s windows, {args.reps} reps"
     )
-    results: dict[int, list[dict[str, Any]]] = {c: [] for c in counts}
+    results: dict[str, list[dict[str, Any]]] = {c: [] for c in counts}
     loop = "?"
     for _ in range(args.reps):
         for c in counts:
-            cmd = [sys.executable, __file__, "--child", str(c), "--duration", str(args.duration)]
+            cmd = [sys.executable, __file__, "--child", c, "--duration", str(args.duration)]
             cmd += ["--appenders", str(args.appenders)] + (["--dir", args.dir] if args.dir else [])
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             rep = json.loads(out.strip().splitlines()[-1])
