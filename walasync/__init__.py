@@ -7,6 +7,7 @@ async with walasync.open("data/orders.wal") as wal:
 """
 
 from ._io import FileIO as FileIO
+from ._opener import Opener as Opener
 from ._options import Durability as Durability
 from ._options import Options as Options
 from ._reader import Record as Record
@@ -35,6 +36,7 @@ __all__ = (
     "Durability",
     "FileIO",
     "LockedError",
+    "Opener",
     "Options",
     "ReadOnlyWal",
     "Record",
@@ -48,6 +50,15 @@ __all__ = (
     "open",
 )
 
-for _name in ("Durability", "FileIO", "Options", "ReadOnlyWal", "Record", "SegmentInfo", "Wal"):
+for _name in (
+    "Durability",
+    "FileIO",
+    "Opener",
+    "Options",
+    "ReadOnlyWal",
+    "Record",
+    "SegmentInfo",
+    "Wal",
+):
     globals()[_name].__module__ = "walasync"
 del _name

@@ -39,6 +39,7 @@ from itertools import islice
 from threading import get_ident as _get_ident
 
 from ._appender import Appender, NotWritten
+from ._opener import require_loop
 from ._options import Durability, Options
 from ._store import LastSegment, Store
 from ._worker import Worker
@@ -47,7 +48,6 @@ from .errors import (
     ClosedError,
     RecordTooLargeError,
     WalError,
-    WrongLoopError,
     map_os_error,
 )
 
@@ -196,14 +196,7 @@ class Batcher:
 
     def check_loop(self) -> None:
         """Raise `WrongLoopError` unless called from the event loop that opened the log."""
-        try:
-            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is not self._loop:
-            raise WrongLoopError(
-                "a Wal must be used from the event loop (and thread) that opened it"
-            )
+        require_loop(self._loop)
 
     def _enqueue(self, records: bytes | list[bytes], size: int) -> asyncio.Future[int]:
         fut: asyncio.Future[int] = self._loop.create_future()

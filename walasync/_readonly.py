@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator
 from types import TracebackType
-from typing import Any
 
 from ._io import FileIO
+from ._opener import Opener, require_loop
 from ._reader import Record, read_records
 from ._store import Store
-from .errors import ClosedError, TruncatedError, WalError, WrongLoopError, map_os_error
+from .errors import ClosedError, TruncatedError, WalError, map_os_error
 
 __all__ = ("ReadOnlyWal", "open_readonly")
 
@@ -58,12 +58,7 @@ class ReadOnlyWal:
         return self._closed
 
     def _check(self) -> None:
-        try:
-            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is not self._loop:
-            raise WrongLoopError("a log must be used from the event loop that opened it")
+        require_loop(self._loop)
         if self._closed:
             raise ClosedError("the log is closed")
 
@@ -149,46 +144,27 @@ class ReadOnlyWal:
         )
 
 
-class _ReadOnlyOpener:
-    """What `open(path, readonly=True)` returns: awaitable, or an async context manager."""
-
-    def __init__(self, path: str, io: FileIO, poll_interval: float) -> None:
-        self._path = path
-        self._io = io
-        self._poll = poll_interval
-        self._wal: ReadOnlyWal | None = None
-
-    def __await__(self) -> Generator[Any, None, ReadOnlyWal]:
-        return self._open().__await__()
-
-    async def __aenter__(self) -> ReadOnlyWal:
-        self._wal = await self._open()
-        return self._wal
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._wal is not None
-        await self._wal.close()
-
-    async def _open(self) -> ReadOnlyWal:
-        loop = asyncio.get_running_loop()
-        try:
-            store = await loop.run_in_executor(None, Store.open_readonly, self._io, self._path)
-            next_lsn = await loop.run_in_executor(None, store.refresh)
-        except FileNotFoundError as exc:
-            raise WalError(f"no walasync log at {self._path} (no such directory)") from exc
-        except NotADirectoryError as exc:
-            raise WalError(f"no walasync log at {self._path} (not a directory)") from exc
-        except OSError as exc:
-            raise map_os_error(exc, f"opening {self._path}") from exc
-        return ReadOnlyWal(store, next_lsn, self._poll)
+async def _open_readonly(path: str, io: FileIO, poll_interval: float) -> ReadOnlyWal:
+    loop = asyncio.get_running_loop()
+    try:
+        store = await loop.run_in_executor(None, Store.open_readonly, io, path)
+        next_lsn = await loop.run_in_executor(None, store.refresh)
+    except FileNotFoundError as exc:
+        raise WalError(f"no walasync log at {path} (no such directory)") from exc
+    except NotADirectoryError as exc:
+        raise WalError(f"no walasync log at {path} (not a directory)") from exc
+    except OSError as exc:
+        raise map_os_error(exc, f"opening {path}") from exc
+    return ReadOnlyWal(store, next_lsn, poll_interval)
 
 
 def open_readonly(
     path: str | os.PathLike[str], io: FileIO, poll_interval: float
-) -> _ReadOnlyOpener:
+) -> Opener[ReadOnlyWal]:
     """See `walasync.open(path, readonly=True)`."""
     if not os.fspath(path):
         raise ValueError("a log path must not be empty (use '.' for the current directory)")
     if poll_interval <= 0:
         raise ValueError(f"poll_interval must be > 0, not {poll_interval!r}")
-    return _ReadOnlyOpener(os.fspath(path), io, poll_interval)
+    where = os.fspath(path)
+    return Opener(lambda: _open_readonly(where, io, poll_interval))

@@ -13,16 +13,17 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any, Literal, overload
 
 from ._appender import Appender
 from ._batcher import Batcher
 from ._io import FileIO
+from ._opener import Opener
 from ._options import Durability, Options
 from ._reader import Record, follow_records, read_records
-from ._readonly import _ReadOnlyOpener, open_readonly
+from ._readonly import ReadOnlyWal, open_readonly
 from ._store import LastSegment, SegmentInfo, Store
 from ._worker import Worker
 from .errors import BrokenLogError, ClosedError, TruncatedError, WalError, map_os_error
@@ -374,59 +375,26 @@ class Wal:
         )
 
 
-class _Opener:
-    """What `open` returns: await it for a `Wal`, or use it as `async with`."""
-
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        options: Options,
-        io: FileIO,
-        first_lsn: int | None,
-        on_segment_drop: DropHook | None,
-    ) -> None:
-        self._path = os.fspath(path)
-        self._options = options
-        self._io = io
-        self._first_lsn = first_lsn
-        self._on_drop = on_segment_drop
-        self._wal: Wal | None = None
-
-    def __await__(self) -> Generator[Any, None, Wal]:
-        return self._open().__await__()
-
-    async def __aenter__(self) -> Wal:
-        self._wal = await self._open()
-        return self._wal
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        assert self._wal is not None
-        await self._wal.close()
-
-    async def _open(self) -> Wal:
-        opts = self._options
-        worker = Worker(f"walasync-io {os.path.basename(self._path)}")
-        fut = worker.run(_open_files, self._io, self._path, opts, self._first_lsn)
-        try:
-            with _os_errors(f"opening {self._path}"):
-                store, last = await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            # The opening may still succeed on the thread: close what it opened.
-            fut.add_done_callback(
-                lambda f: worker.stop(
-                    None if f.cancelled() or f.exception() else lambda: _close_files(*f.result())
-                )
+async def _open_wal(
+    path: str, options: Options, io: FileIO, first_lsn: int | None, on_drop: DropHook | None
+) -> Wal:
+    worker = Worker(f"walasync-io {os.path.basename(path)}")
+    fut = worker.run(_open_files, io, path, options, first_lsn)
+    try:
+        with _os_errors(f"opening {path}"):
+            store, last = await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        # The opening may still succeed on the thread: close what it opened.
+        fut.add_done_callback(
+            lambda f: worker.stop(
+                None if f.cancelled() or f.exception() else lambda: _close_files(*f.result())
             )
-            raise
-        except BaseException:
-            worker.stop()
-            raise
-        return Wal(store, last, worker, opts, self._io, self._on_drop)
+        )
+        raise
+    except BaseException:
+        worker.stop()
+        raise
+    return Wal(store, last, worker, options, io, on_drop)
 
 
 @overload
@@ -436,7 +404,7 @@ def open(
     readonly: Literal[True],
     io: FileIO | None = None,
     poll_interval: float = 0.05,
-) -> _ReadOnlyOpener: ...
+) -> Opener[ReadOnlyWal]: ...
 
 
 @overload
@@ -456,7 +424,7 @@ def open(
     retention_age: float | None = None,
     on_segment_drop: DropHook | None = None,
     first_lsn: int | None = None,
-) -> _Opener: ...
+) -> Opener[Wal]: ...
 
 
 def open(
@@ -476,7 +444,7 @@ def open(
     on_segment_drop: DropHook | None = None,
     first_lsn: int | None = None,
     poll_interval: float = 0.05,
-) -> _Opener | _ReadOnlyOpener:
+) -> Opener[Wal] | Opener[ReadOnlyWal]:
     """Open (creating if needed) the log in directory `path`, lock it and recover it.
 
     Use `wal = await walasync.open(path)` or `async with walasync.open(path) as wal:`.
@@ -515,4 +483,5 @@ def open(
     )
     if first_lsn is not None and (not isinstance(first_lsn, int) or first_lsn < 1):
         raise ValueError(f"first_lsn must be an int >= 1, not {first_lsn!r}")
-    return _Opener(path, options, io or FileIO(), first_lsn, on_segment_drop)
+    where, layer = os.fspath(path), io or FileIO()
+    return Opener(lambda: _open_wal(where, options, layer, first_lsn, on_segment_drop))
