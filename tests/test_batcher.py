@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import small
+from conftest import cancel_after, small
 from iofaults import ControlledIO
 
 import walasync
@@ -154,7 +154,7 @@ async def test_random_cancellation_with_timeouts_keeps_the_log_consistent(
             for i in range(40):
                 data = b"%d:%d|" % (n, i) * 10
                 try:
-                    async with asyncio.timeout(0.0005 * ((n * 7 + i) % 5)):
+                    async with cancel_after(0.0005 * ((n * 7 + i) % 5)):
                         acked[await wal.append(data)] = data
                 except TimeoutError:
                     pass
