@@ -87,6 +87,15 @@ def open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
 
+def fd_targets(fds: set[str]) -> list[str]:
+    """What the file descriptors are open on (those closed meanwhile are left out)."""
+    targets = []
+    for fd in sorted(fds):
+        with contextlib.suppress(FileNotFoundError):
+            targets.append(os.readlink(f"/proc/self/fd/{fd}"))
+    return targets
+
+
 def other_names(log_dir: Path, tmp_path: Path) -> list[Path]:
     """Other paths to the directory `log_dir`: a symlink, a detour, a relative path."""
     link = tmp_path / "link"
@@ -148,7 +157,10 @@ async def test_locked_out_openers_leak_nothing(log_dir: Path) -> None:
         for _ in range(30):
             with pytest.raises(walasync.LockedError):
                 await walasync.open(log_dir)
-        assert open_fds() == fds
+        # The open log's own zeroing thread may open its last segment meanwhile (once the
+        # disk has been calm for a while, which on a loaded machine can fall in this loop).
+        new = fd_targets(open_fds() - fds)
+        assert all(Path(t).parent == log_dir and t.endswith(".wal") for t in new), new
         for _ in range(200):  # each failed opener's I/O thread exits on its own
             if threading.active_count() <= threads:
                 break
