@@ -67,6 +67,22 @@ async def cancel_after(delay: float) -> AsyncIterator[None]:
         handle.cancel()
 
 
+async def until(condition: Callable[[], object], what: str = "", timeout: float = 30) -> None:
+    """Wait until `condition()` is true, checking every millisecond.
+
+    For a test that needs the loop to reach a state (appends queued, a batch taken) before
+    it goes on: a fixed sleep counts time, and on a loaded machine the sleep can end before
+    the loop has run the callbacks that make the state. `timeout` only turns a hang into a
+    failure; it is not a claim about speed.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"still waiting after {timeout} s for {what or condition}")
+        await asyncio.sleep(0.001)
+
+
 # System calls walasync makes that blockbuster does not watch by default.
 _WATCHED = (
     "os.open",
