@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import segment_files
+from conftest import segment_files, until
 
 import walasync
 
@@ -161,11 +161,8 @@ async def test_locked_out_openers_leak_nothing(log_dir: Path) -> None:
         # disk has been calm for a while, which on a loaded machine can fall in this loop).
         new = fd_targets(open_fds() - fds)
         assert all(Path(t).parent == log_dir and t.endswith(".wal") for t in new), new
-        for _ in range(200):  # each failed opener's I/O thread exits on its own
-            if threading.active_count() <= threads:
-                break
-            await asyncio.sleep(0.01)
-        assert threading.active_count() <= threads
+        # Each failed opener's I/O thread exits on its own.
+        await until(lambda: threading.active_count() <= threads, "the openers' threads to exit")
 
 
 async def test_other_process_is_locked_out_until_close(log_dir: Path) -> None:
@@ -241,9 +238,6 @@ async def test_cancelled_open_releases_the_lock(log_dir: Path) -> None:
             await asyncio.sleep(0.01)
         else:
             pytest.fail(f"the log stayed locked after an open cancelled after {delay} s")
-    for _ in range(200):  # what the cancelled openers opened is closed on their threads
-        if open_fds() == fds and threading.active_count() <= threads:
-            break
-        await asyncio.sleep(0.01)
-    assert open_fds() == fds
-    assert threading.active_count() <= threads
+    # What the cancelled openers opened is closed on their threads.
+    await until(lambda: open_fds() == fds, "the cancelled openers' files to be closed")
+    await until(lambda: threading.active_count() <= threads, "the openers' threads to exit")
