@@ -31,7 +31,9 @@ async def test_open_is_awaitable_and_close_is_idempotent(log_dir: Path) -> None:
     await wal.close()
     await wal.close()
     await asyncio.gather(wal.close(), wal.close())
-    assert wal.closed
+    assert wal.closed and "closed" in repr(wal)  # closed through, not just begun
+    async with walasync.open(log_dir) as again:  # the lock was released, the record kept
+        assert again.last_lsn == 1
 
 
 async def test_append_returns_dense_lsns_and_read_returns_them(log_dir: Path) -> None:
