@@ -23,7 +23,9 @@ append, `append_many`, `sync()`, open or close returns. The history is then chec
 (e) a segment appears under its final name only once its header is durable: at a rename
     into `*.wal`, nothing written to the file is still unsynced;
 (f) in the fsync and interval modes, no segment may outlive a batch of the one before it:
-    when a new segment's name appears, the older segments have nothing unsynced.
+    when a new segment's name appears, the older segments have nothing unsynced;
+(g) an open makes what it recovered durable, whatever an earlier writer (perhaps killed)
+    left unsynced: it fdatasyncs the last segment and fsyncs the log's directory.
 
 What an ack covers. An append's ack covers what was written up to and including the
 write of its record (the I/O thread may be rotating for a later batch while the loop
@@ -129,8 +131,14 @@ class Spy:
             self.sessions.append((len(self.events), mode))
 
     def ack(self, what: str, scope: str, records: Iterable[bytes] = ()) -> None:
+        """`what` returned: its records are acknowledged, durably (scope "durable") or
+        only as written to the OS ("written")."""
         tags = frozenset(int(m) for r in records for m in _TAG.findall(r))
         self._add(op="ack", call=what, scope=scope, tags=tags)
+
+    def opened(self, log_dir: Path) -> None:
+        """`walasync.open(log_dir)` returned (after `session`)."""
+        self._add(op="ack", call="open", scope="open", path=os.path.abspath(log_dir))
 
     def install(self, mp: pytest.MonkeyPatch) -> None:
         """Wrap the `os` functions (whatever is there now, blockbuster's guard included)."""
@@ -312,6 +320,21 @@ def _is_segment(path: str) -> bool:
     return path.endswith(".wal")
 
 
+def opening_problems(i: int, log: str, during: list[Event], segs: dict[str, int]) -> list[str]:
+    """Rule (g): an open makes what it recovered durable whatever an earlier writer left
+    (killed between a write and its fdatasync, or a rename and the directory's fsync):
+    an fdatasync of the last segment and an fsync of the log's directory, during the open."""
+    problems = []
+    if not segs:
+        return [f"(g) open #{i} of {log}: no segment"]
+    last = max(segs)
+    if not any(ev.op == "sync-end" and not ev.isdir and ev.ino == segs[last] for ev in during):
+        problems.append(f"(g) open #{i} of {log}: no fdatasync of {os.path.basename(last)}")
+    if not any(ev.op == "sync-end" and ev.isdir and ev.path == log for ev in during):
+        problems.append(f"(g) open #{i} of {log}: no fsync of the directory")
+    return problems
+
+
 def check(spy: Spy, log_dirs: Iterable[Path]) -> list[str]:
     """Replay the history and return every broken rule (empty if none)."""
     logs = {os.path.normpath(os.path.abspath(d)) for d in log_dirs}
@@ -416,9 +439,14 @@ def check(spy: Spy, log_dirs: Iterable[Path]) -> list[str]:
                 cutoff = max((written[t][0] for t in ev.tags if t in written), default=i)
             if ev.scope == "written":
                 continue
+            if ev.scope == "open":
+                start = max((s for s in sessions if s <= i), default=0)
+                problems += opening_problems(i, ev.path, spy.events[start:i], segments(ev.path))
             for log in sorted(logs):
                 segs = segments(log)
-                if ev.scope == "open" and segs:
+                if ev.scope == "open":
+                    if log != ev.path or not segs:
+                        continue
                     last = max(segs)
                     segs = {last: segs[last]}
                 for p, ino in sorted(segs.items()):
@@ -481,7 +509,7 @@ async def fsync_workload(spy: Spy, log_dir: Path) -> list[bytes]:
     acked: dict[int, bytes] = {}
     spy.session("fsync")
     async with walasync.open(log_dir, io=FileIO(), segment_size=4096) as wal:
-        spy.ack("open", "open")
+        spy.opened(log_dir)
 
         async def appender(n: int) -> None:
             for i in range(12):
@@ -510,7 +538,7 @@ async def fsync_workload(spy: Spy, log_dir: Path) -> list[bytes]:
 
     spy.session("fsync")
     async with walasync.open(log_dir, io=FileIO(), segment_size=4096) as wal:
-        spy.ack("open", "open")
+        spy.opened(log_dir)
         for _ in range(3):
             data = record(3000)  # a rotation each
             acked[await wal.append(data)] = data
@@ -539,7 +567,7 @@ async def test_interval_mode_sync_and_close_cover_every_write(spy: Spy, tmp_path
     expected: list[bytes] = []
     spy.session("interval")
     async with walasync.open(log_dir, io=FileIO(), **opts) as wal:
-        spy.ack("open", "open")
+        spy.opened(log_dir)
 
         async def appender(n: int) -> None:
             for i in range(8):
@@ -572,7 +600,7 @@ async def test_none_mode_sync_covers_every_write_and_open_syncs_the_last_segment
     opts: dict[str, Any] = {"durability": "none", "segment_size": 4096}
     spy.session("none")
     async with walasync.open(log_dir, io=FileIO(), **opts) as wal:
-        spy.ack("open", "open")
+        spy.opened(log_dir)
         for _ in range(3):
             for _ in range(10):  # about 2.5 segments: sealed ones are synced by sync() too
                 data = record(1000)
@@ -589,7 +617,7 @@ async def test_none_mode_sync_covers_every_write_and_open_syncs_the_last_segment
             await wal.append(record(100))  # stays in the first segment
     spy.session("fsync")
     async with walasync.open(second, io=FileIO(), segment_size=4096) as wal:
-        spy.ack("open", "open")
+        spy.opened(second)
         assert wal.last_lsn == 5
     assert_rules(spy, log_dir, second)
     assert count(spy, "rename", lambda ev: _is_segment(ev.dst)) >= 6
@@ -602,7 +630,7 @@ async def test_zeros_written_ahead_never_land_on_records(spy: Spy, tmp_path: Pat
     record = Records()
     spy.session("fsync")
     async with walasync.open(log_dir, io=FileIO(), segment_size=1 << 20) as wal:
-        spy.ack("open", "open")
+        spy.opened(log_dir)
         for _ in range(6):
             for size in (200, 5000, 40_000):
                 data = record(size)
