@@ -106,6 +106,24 @@ def pytest_asyncio_loop_factories(
     return LOOPS
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Time out uvloop tests with pytest-timeout's thread method.
+
+    Its default (signal) method raises from a SIGALRM handler, which a uvloop loop blocked
+    in libuv never runs: a hung uvloop test would hang the whole run. The thread method
+    dumps every thread's stack and ends the run instead. Each test keeps its own timeout.
+    """
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is None or "uvloop" not in callspec.id.split("-"):
+            continue
+        marker = item.get_closest_marker("timeout")
+        seconds = None
+        if marker is not None:
+            seconds = marker.kwargs.get("timeout", marker.args[0] if marker.args else None)
+        item.add_marker(pytest.mark.timeout(timeout=seconds, method="thread"), append=False)
+
+
 def blocking_guard() -> BlockBuster:
     """A BlockBuster that raises BlockingError when code in the walasync package makes a
     blocking call on a thread that runs an event loop."""
