@@ -166,6 +166,40 @@ async def test_cancelled_appenders_do_not_disturb_others(log_dir: Path) -> None:
     assert extra <= {b"%05d" % i * 20 for i in cancelled}
 
 
+async def test_an_appender_cancelled_after_being_let_in_gives_its_room_back(
+    log_dir: Path,
+) -> None:
+    """Cancelled between being granted room and queuing its record: the room it was
+    granted goes back (else the queue would shrink for good) and its record is not written."""
+    io = ControlledIO()
+    wal = await walasync.open(log_dir, io=io, max_pending_bytes=1000)
+    try:
+        batcher = wal._batcher
+        first = await hold(io, wal)
+        a = asyncio.ensure_future(wal.append(b"a" * 600))  # sent behind the held batch
+        await until(lambda: batcher.in_flight == 2, "the second batch to be sent")
+        b = asyncio.ensure_future(wal.append(b"b" * 600))  # queued: the pipeline is full
+        v = asyncio.ensure_future(wal.append(b"v" * 800))  # waits: 604 + 804 > 1000
+        w = asyncio.ensure_future(wal.append(b"w" * 100))  # waits behind v (first come...)
+        await until(lambda: len(batcher._space_waiters) == 2, "v and w to wait for room")
+        v.cancel()  # v leaves the line and lets w in...
+        await asyncio.sleep(0)  # ...when its task runs, which is before this one resumes
+        assert batcher._reserved == 104 and not w.done()  # w was granted its room
+        w.cancel()  # before w's task runs: granted, then cancelled
+        io.gate.set()
+        results = await asyncio.gather(first, a, b, v, w, return_exceptions=True)
+        assert list(results[:3]) == [1, 2, 3]
+        assert all(isinstance(r, asyncio.CancelledError) for r in results[3:])
+        assert (batcher._pending_bytes, batcher._reserved) == (0, 0), repr(wal)
+        assert await asyncio.gather(*(wal.append(b"c" * 300) for _ in range(3))) == [4, 5, 6]
+        assert [r.data async for r in wal.read()] == [b"first", b"a" * 600, b"b" * 600] + [
+            b"c" * 300
+        ] * 3
+    finally:
+        # close() waits for reserved room to be used: with a leak it would never return.
+        await asyncio.wait_for(wal.close(), 30)
+
+
 async def test_random_cancellation_with_timeouts_keeps_the_log_consistent(
     log_dir: Path,
 ) -> None:
