@@ -4,7 +4,8 @@ that fails any blocking system call walasync makes on the event loop thread."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine, Iterator, Mapping
+import contextlib
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,6 +40,49 @@ def run(loop: str, main: Coroutine[Any, Any, T]) -> T:
             ev.close()
 
 
+@contextlib.asynccontextmanager
+async def cancel_after(delay: float) -> AsyncIterator[None]:
+    """Cancel the body after `delay` seconds and raise TimeoutError, as `asyncio.timeout`
+    (3.11+) does; the body is cancelled at the same await it would be there.
+
+    For bodies nothing else cancels (3.10 has no `Task.uncancel` to tell the two apart).
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    handle = asyncio.get_running_loop().call_later(delay, expire)
+    try:
+        yield
+    except asyncio.CancelledError:
+        if expired:
+            raise TimeoutError from None
+        raise
+    finally:
+        handle.cancel()
+
+
+async def until(condition: Callable[[], object], what: str = "", timeout: float = 30) -> None:
+    """Wait until `condition()` is true, checking every millisecond.
+
+    For a test that needs the loop to reach a state (appends queued, a batch taken) before
+    it goes on: a fixed sleep counts time, and on a loaded machine the sleep can end before
+    the loop has run the callbacks that make the state. `timeout` only turns a hang into a
+    failure; it is not a claim about speed.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"still waiting after {timeout} s for {what or condition}")
+        await asyncio.sleep(0.001)
+
+
 # System calls walasync makes that blockbuster does not watch by default.
 _WATCHED = (
     "os.open",
@@ -60,6 +104,24 @@ def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
     return LOOPS
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Time out uvloop tests with pytest-timeout's thread method.
+
+    Its default (signal) method raises from a SIGALRM handler, which a uvloop loop blocked
+    in libuv never runs: a hung uvloop test would hang the whole run. The thread method
+    dumps every thread's stack and ends the run instead. Each test keeps its own timeout.
+    """
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is None or "uvloop" not in callspec.id.split("-"):
+            continue
+        marker = item.get_closest_marker("timeout")
+        seconds = None
+        if marker is not None:
+            seconds = marker.kwargs.get("timeout", marker.args[0] if marker.args else None)
+        item.add_marker(pytest.mark.timeout(timeout=seconds, method="thread"), append=False)
 
 
 def blocking_guard() -> BlockBuster:

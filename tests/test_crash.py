@@ -270,8 +270,8 @@ class Checker:
                 covered.update((w, s) for s in range(seq, seq + k))
         if stray := set(lsn_of) - covered:
             self.fail(f"{where}: acknowledged (writer, seq) never announced: {sorted(stray)}")
-        for w, units in per_writer.items():
-            lsns = [lsn for _, lsn in sorted(units)]
+        for w, acked_units in per_writer.items():
+            lsns = [lsn for _, lsn in sorted(acked_units)]
             if lsns != sorted(lsns):
                 self.fail(f"{where}: writer {w}'s sequential appends got LSNs out of order")
         writers = [w for w, _, _ in in_flight]
