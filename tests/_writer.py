@@ -1,7 +1,7 @@
 """Crash-test writer: appends deterministic records to a log forever, until it is killed.
 
 Usage: python tests/_writer.py DIR RUN [--loop asyncio|uvloop] [--durability MODE]
-                               [--writers N] [--readers N]
+                               [--writers N] [--readers N] [--truncate] [--retention BYTES]
 
 `RUN` (an int) names this process's run: it seeds the options and is part of every record,
 so records of different runs never look alike. Each of the N appender coroutines (default
@@ -13,12 +13,22 @@ event, flushed as it is written:
     open FIRST_LSN LAST_LSN   once, right after the log is open, before any append
     + WRITER SEQ K            before a unit of K records (seqs SEQ..SEQ+K-1) is appended
     LSN WRITER SEQ            once the unit is acknowledged: one line per record
+    T? LSN                    before `truncate_front(LSN)` is called (--truncate)
+    T LSN                     once that `truncate_front(LSN)` returned
+    R FIRST LAST              in the `on_segment_drop` hook (--retention), as it lets the
+                              segment holding LSNs FIRST..LAST go: its drop comes next
 
 A unit's acknowledgement lines are written with one `write` (atomic on a pipe), so after
 SIGKILL a reader of the pipe sees all of them or none. Meanwhile N reader coroutines
-(default 2) read stretches of the log as it grows and check every record they get. Any
-error exits with a traceback on stderr; a healthy writer prints nothing on stderr and
-never exits by itself.
+(default 2) read stretches of the log as it grows and check every record they get; a
+`TruncatedError` is fine if the LSN the read was at is below `first_lsn` by then.
+
+`--truncate` adds a coroutine that calls `truncate_front` every few milliseconds, at an
+LSN from `first_lsn - 50` to `last_lsn + 1` (mostly keeping up to the last 3000 records,
+now and then everything or nothing), and now and then `apply_retention()`. `--retention`
+opens the log with `retention_bytes=BYTES` and a hook that sometimes takes a while (as an
+archiver copying the file would) and sometimes vetoes the drop. Any error exits with a
+traceback on stderr; a healthy writer prints nothing on stderr and never exits by itself.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import argparse
 import asyncio
 import random
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import walasync
@@ -109,31 +120,104 @@ async def _appender(wal: walasync.Wal, run: int, writer: int) -> None:
 
 
 async def _reader(wal: walasync.Wal, run: int, reader: int) -> None:
-    """Read while the appenders append: recent stretches, and now and then from LSN 1."""
+    """Read while the appenders append: recent stretches, now and then from `first_lsn`
+    or from LSN 1 (below `first_lsn` once the log was truncated)."""
     rng = _rng("reader", run, reader)
     while True:
         await asyncio.sleep(rng.uniform(0, 0.005))
         last = wal.last_lsn
-        start = 1 if rng.random() < 0.05 else rng.randint(max(1, last - 1000), last + 1)
+        r = rng.random()
+        start = (
+            1
+            if r < 0.05
+            else wal.first_lsn
+            if r < 0.15
+            else rng.randint(max(1, last - 1000), last + 1)
+        )
         end = None if rng.random() < 0.7 else start + rng.randint(0, 300)
         expected = range(start, last + 1 if end is None else min(end, last) + 1)
         got = 0
-        async for rec in wal.read(start, end):  # snapshot: up to last_lsn as of this call
-            if rec.lsn != expected.start + got:
-                raise AssertionError(f"read({start}, {end}) gave LSN {rec.lsn} at {got}")
-            check_record(rec.data)
-            got += 1
+        try:
+            async for rec in wal.read(start, end):  # snapshot: up to last_lsn as of this call
+                if rec.lsn != expected.start + got:
+                    raise AssertionError(f"read({start}, {end}) gave LSN {rec.lsn} at {got}")
+                check_record(rec.data)
+                got += 1
+        except walasync.TruncatedError:
+            # Raised by `read` itself, or during the iteration once a truncation overtook
+            # it: either way the record it was about to give must be gone by now.
+            if wal.first_lsn <= start + got:
+                raise AssertionError(
+                    f"read({start}, {end}) raised TruncatedError at LSN {start + got}, but "
+                    f"first_lsn is {wal.first_lsn}"
+                ) from None
+            continue
         if got != len(expected):
             raise AssertionError(f"read({start}, {end}) gave {got} records, not {expected}")
 
 
+def truncation_point(rng: random.Random, first: int, last: int) -> int:
+    """An LSN for `truncate_front`, valid when `first_lsn` is `first` and `last_lsn` is
+    `last`: mostly one that keeps up to the last 3000 records (or a short step from
+    `first`), now and then everything, or one at or below `first` (nothing to do)."""
+    r = rng.random()
+    if r < 0.04:
+        return last + 1
+    if r < 0.15:
+        return rng.randint(max(1, first - 50), first)
+    if r < 0.4:
+        return rng.randint(first, min(first + 50, last + 1))
+    return max(first, last + 1 - rng.randint(0, 3000))
+
+
+async def _truncator(wal: walasync.Wal, run: int, retention: bool) -> None:
+    """Every few milliseconds, `truncate_front` (or, with retention, now and then an
+    `apply_retention` pass), announced before and after on stdout."""
+    rng = _rng("truncate", run)
+    while True:
+        await asyncio.sleep(rng.uniform(0.001, 0.01))
+        if retention and rng.random() < 0.1:
+            await wal.apply_retention()  # the hook announces each drop
+            continue
+        lsn = truncation_point(rng, wal.first_lsn, wal.last_lsn)
+        _emit(f"T? {lsn}\n")
+        await wal.truncate_front(lsn)
+        if not lsn <= wal.first_lsn <= wal.last_lsn + 1:
+            raise AssertionError(
+                f"truncate_front({lsn}) returned with first_lsn {wal.first_lsn}, "
+                f"last_lsn {wal.last_lsn}"
+            )
+        _emit(f"T {lsn}\n")
+
+
+def drop_hook(run: int) -> Callable[[walasync.SegmentInfo], Awaitable[bool | None]]:
+    """The `on_segment_drop` hook of the writer of `run`: it vetoes one drop in ten, takes
+    up to 3 ms for some (an archiver's copy), and announces each drop it lets happen."""
+    rng = _rng("drop", run)
+
+    async def hook(segment: walasync.SegmentInfo) -> bool | None:
+        if rng.random() < 0.1:
+            return False  # keep it (and every later one) this time
+        if rng.random() < 0.3:
+            await asyncio.sleep(rng.uniform(0, 0.003))
+        _emit(f"R {segment.first_lsn} {segment.last_lsn}\n")
+        return None
+
+    return hook
+
+
 async def _main(args: argparse.Namespace) -> None:
-    wal = await walasync.open(args.dir, **writer_options(args.run, args.durability))
+    retention: dict[str, Any] = {}
+    if args.retention is not None:
+        retention = {"retention_bytes": args.retention, "on_segment_drop": drop_hook(args.run)}
+    wal = await walasync.open(args.dir, **writer_options(args.run, args.durability), **retention)
     _emit(f"open {wal.first_lsn} {wal.last_lsn}\n")
+    truncator = [_truncator(wal, args.run, bool(retention))] if args.truncate else []
     # Never returns: the first task to fail ends the process with its traceback.
     await asyncio.gather(
         *(_appender(wal, args.run, w) for w in range(args.writers)),
         *(_reader(wal, args.run, r) for r in range(args.readers)),
+        *truncator,
     )
 
 
@@ -145,6 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--durability", choices=["fsync", "interval", "none"], default="fsync")
     parser.add_argument("--writers", type=int, default=64)
     parser.add_argument("--readers", type=int, default=2)
+    parser.add_argument("--truncate", action="store_true", help="truncate_front as it goes")
+    parser.add_argument("--retention", type=int, metavar="BYTES", help="retention_bytes")
     args = parser.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     if args.loop == "uvloop":

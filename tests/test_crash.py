@@ -1,12 +1,13 @@
-"""Crash torture: whatever `append` acknowledged survives a SIGKILL of the writing process.
+"""Crash torture: whatever `append` acknowledged survives a SIGKILL of the writing process,
+and whatever `truncate_front` removed stays removed.
 
 Each round starts `tests/_writer.py` on the same log (64 appender coroutines, 64 KiB
 segments, so batches are concurrent and rotations frequent), lets it run to a random
 moment (after some acknowledgements, a random delay that may fall in interpreter start-up
 or recovery, or just after the open), SIGKILLs it, reopens the log here and checks:
 
-- LSNs are dense from 1 to `last_lsn`, and nothing before the round changed (per-record
-  digests of everything verified in earlier rounds, acknowledged or not);
+- LSNs are dense from `first_lsn` to `last_lsn`, and nothing before the round changed
+  (per-record digests of everything verified in earlier rounds, acknowledged or not);
 - every acknowledged LSN of the round holds exactly the record the writer acknowledged;
 - every other record of the round belongs to a unit the writer had started to append and
   not seen acknowledged, whole (`append_many` is all or nothing), at consecutive LSNs, and
@@ -21,7 +22,23 @@ torn batches, half-done rotations, recovery of the tail, and acknowledging too e
 Meanwhile reader coroutines in the writer read the log as it grows and check every
 record they get; a failure there kills the writer with a traceback, which fails the test.
 
-Environment: WALASYNC_TORTURE_ROUNDS (default 4) rounds per test,
+With truncation (`test_truncated_log_survives_sigkill`), the writer also calls
+`truncate_front` every few milliseconds and announces each call before (`T? LSN`) and
+after it returns (`T LSN`); with retention, its `on_segment_drop` hook announces each
+segment it lets go (`R FIRST LAST`: the drop makes `first_lsn` LAST + 1, and the hook
+being called at all proves that `first_lsn` is at least FIRST, the oldest segment's start,
+durably). After each kill the checks above hold from `first_lsn` on, and:
+
+- `first_lsn` did not go back, is at least the highest completed truncation (and every
+  announced drop's FIRST), and is one of the LSNs a truncation or drop of the round began
+  (or where the round started): a removal is all or nothing, never a point in between;
+- `first_lsn <= last_lsn + 1`, and `read` below `first_lsn` raises `TruncatedError`;
+- the oldest segment file holds `first_lsn` and the next starts above it (recovery deleted
+  the files of a truncation the writer did not finish);
+- records of the round below `first_lsn` need not be there; above it, a record the round
+  did not acknowledge may be the tail of a unit whose head was truncated.
+
+Environment: WALASYNC_TORTURE_ROUNDS (default 4) rounds per test case,
 WALASYNC_TORTURE_SEED to replay a failure (the seed is in every failure message),
 WALASYNC_TORTURE_READERS (default 2) reader coroutines in the writer.
 """
@@ -79,10 +96,15 @@ class Run:
     run: int
     start: int  # last_lsn of the log before this run
     plan: tuple[str, float]
+    # With an ("acks", n) plan, also wait for this many completed truncations and drops.
+    removals: tuple[int, int] = (0, 0)
     end: int = -1  # last_lsn of the log after this run
     opened: tuple[int, int] | None = None
     units: dict[tuple[int, int], int] = field(default_factory=dict)  # (writer, seq) -> k
     acks: dict[int, tuple[int, int]] = field(default_factory=dict)  # LSN -> (writer, seq)
+    begun: list[int] = field(default_factory=list)  # truncate_front(LSN) called
+    done: list[int] = field(default_factory=list)  # truncate_front(LSN) returned
+    drops: list[tuple[int, int]] = field(default_factory=list)  # (first, last) let go
     returncode: int | None = None
     stderr: bytes = b""
 
@@ -95,6 +117,12 @@ class Run:
         elif fields[0] == b"+":
             w, seq, k = map(int, fields[1:])
             self.units[w, seq] = k
+        elif fields[0] == b"T?":
+            self.begun.append(int(fields[1]))
+        elif fields[0] == b"T":
+            self.done.append(int(fields[1]))
+        elif fields[0] == b"R":
+            self.drops.append((int(fields[1]), int(fields[2])))
         else:
             lsn, w, seq = map(int, fields)
             if lsn in self.acks:
@@ -130,7 +158,12 @@ async def run_writer(log_dir: Path, run: Run, loop_name: str, durability: str, *
                 run.parse(line)
                 if run.opened is not None:
                     opened.set()
-                if len(run.acks) >= amount:
+                truncations, drops = run.removals
+                if (
+                    len(run.acks) >= amount
+                    and len(run.done) >= truncations
+                    and len(run.drops) >= drops
+                ):
                     enough_acks.set()
         finally:  # EOF (the writer is gone) or a bad line: stop waiting
             opened.set()
@@ -155,11 +188,14 @@ async def run_writer(log_dir: Path, run: Run, loop_name: str, durability: str, *
     stdout.result()
 
 
-def tile(stretches: list[tuple[bytes, ...]], units: list[tuple[bytes, ...]]) -> bool:
+def tile(
+    stretches: list[tuple[bytes, ...]], units: list[tuple[bytes, ...]], head_cut: bool = False
+) -> bool:
     """Can every stretch be cut into whole units, each unit used at most once?
 
-    Records cut short inside their header (or empty) look alike, so this searches; units
-    with equal contents are interchangeable and tried once per position.
+    With `head_cut`, the first stretch may start with the tail of a unit instead (its head
+    was truncated). Records cut short inside their header (or empty) look alike, so this
+    searches; units with equal contents are interchangeable and tried once per position.
     """
     used = [False] * len(units)
     nodes = 0
@@ -175,27 +211,36 @@ def tile(stretches: list[tuple[bytes, ...]], units: list[tuple[bytes, ...]]) -> 
         if pos == len(stretch):
             return go(i + 1, 0)
         tried = set()
+        tails = head_cut and i == 0 and pos == 0
         for j, unit in enumerate(units):
-            if used[j] or unit in tried or stretch[pos : pos + len(unit)] != unit:
-                continue
-            tried.add(unit)
-            used[j] = True
-            if go(i, pos + len(unit)):
-                return True
-            used[j] = False
+            parts = [unit[k:] for k in range(1, len(unit))] if tails else []
+            for part in [*parts, unit]:
+                if used[j] or part in tried or stretch[pos : pos + len(part)] != part:
+                    continue
+                tried.add(part)
+                used[j] = True
+                if go(i, pos + len(part)):
+                    return True
+                used[j] = False
         return False
 
     return go(0, 0)
 
 
 class Checker:
-    """The state of one log across rounds: the digest of every record verified so far."""
+    """The state of one log across rounds: the digest of every record verified so far,
+    and where the log starts."""
 
-    def __init__(self, log_dir: Path, context: str) -> None:
+    def __init__(self, log_dir: Path, context: str, seed: str = "") -> None:
         self.log_dir = log_dir
         self.context = context
-        self.digests: list[bytes] = []  # index i: the record with LSN i + 1
+        # Index i: the record with LSN i + 1 (None: truncated before any round saw it).
+        self.digests: list[bytes | None] = []
+        self.first = 1  # first_lsn as the last round left it
         self.acknowledged = 0
+        self.truncations = 0  # truncate_front calls that returned, over all rounds
+        self.drops = 0  # segments the hook let go, over all rounds
+        self.rng = random.Random(f"checker/{seed}")
 
     def fail(self, message: str) -> None:
         pytest.fail(f"[{self.context}] {message}", pytrace=False)
@@ -209,11 +254,10 @@ class Checker:
             )
         known = len(self.digests)
         new: dict[int, bytes] = {}
-        lsn = 0
         async with walasync.open(self.log_dir, segment_size=writer.SEGMENT_SIZE) as wal:
-            if wal.first_lsn != 1:
-                self.fail(f"first_lsn is {wal.first_lsn}, not 1")
-            last = wal.last_lsn
+            first, last = wal.first_lsn, wal.last_lsn
+            self.check_first(run, first, last)
+            lsn = first - 1
             async for rec in wal.read():
                 lsn += 1
                 if rec.lsn != lsn:
@@ -223,29 +267,78 @@ class Checker:
                         self.fail(f"LSN {lsn}, verified in an earlier round, changed")
                 else:
                     new[lsn] = rec.data
-        if lsn != last:
-            self.fail(f"read gave {lsn} records, but last_lsn is {last}")
+            if lsn != last:
+                self.fail(f"read gave records {first}..{lsn}, but last_lsn is {last}")
+            self.check_truncated(wal, first)
         if last < known:
             self.fail(f"last_lsn went back from {known} to {last}: records lost")
+        self.check_files(first)
         run.end = last
-        self.check_run(run, new)
-        self.digests.extend(digest(new[n]) for n in range(known + 1, last + 1))
+        self.check_run(run, new, first)
+        self.digests.extend(
+            digest(new[n]) if n in new else None for n in range(known + 1, last + 1)
+        )
+        self.first = first
         self.acknowledged += len(run.acks)
+        self.truncations += len(run.done)
+        self.drops += len(run.drops)
         print(  # shown with -s: what each round covered
             f"run {run.run} killed {run.plan}: +{last - known} records "
-            f"({len(run.acks)} acknowledged), log {last} records"
+            f"({len(run.acks)} acknowledged), {len(run.done)}/{len(run.begun)} truncations "
+            f"done, {len(run.drops)} segments dropped, log {first}..{last}"
         )
 
-    def check_run(self, run: Run, new: dict[int, bytes]) -> None:
-        """Check the records `run` added (`new`: LSN -> data) against what it announced."""
+    def check_first(self, run: Run, first: int, last: int) -> None:
+        """`first_lsn` after `run`: where a truncation or drop of it began, or where the
+        run started; at least what completed; and within the log's LSNs."""
+        where = f"run {run.run} (killed: {run.plan})"
+        began = {self.first, *run.begun, *(drop_last + 1 for _, drop_last in run.drops)}
+        done = max([self.first, *run.done, *(drop_first for drop_first, _ in run.drops)])
+        if first < done:
+            self.fail(
+                f"{where}: first_lsn is {first}, below {done}: a completed truncation (or "
+                f"one proved by a later drop) was undone (started at {self.first}, "
+                f"truncations done {sorted(run.done)[-3:]}, drops {run.drops[-3:]})"
+            )
+        if first not in began:
+            self.fail(
+                f"{where}: first_lsn is {first}, where no truncation or drop began (started "
+                f"at {self.first}, begun {sorted(run.begun)[-5:]}, drops {run.drops[-3:]})"
+            )
+        if first > last + 1:
+            self.fail(f"{where}: first_lsn {first} is above last_lsn + 1 = {last + 1}")
+
+    def check_truncated(self, wal: walasync.Wal, first: int) -> None:
+        """Nothing below `first` can be read."""
+        if first == 1:
+            return
+        for lsn in {1, first - 1, self.rng.randint(1, first - 1)}:
+            with pytest.raises(walasync.TruncatedError):
+                wal.read(lsn)
+
+    def check_files(self, first: int) -> None:
+        """The oldest segment holds `first` and no segment wholly below it is left."""
+        firsts = [int(p.stem) for p in sorted(self.log_dir.glob("*.wal"))]
+        if not firsts or firsts[0] > first or (len(firsts) > 1 and firsts[1] <= first):
+            self.fail(f"segment files start at {firsts[:3]}, but first_lsn is {first}")
+
+    def check_run(self, run: Run, new: dict[int, bytes], log_first: int) -> None:
+        """Check the records `run` added (`new`: LSN -> data, from `log_first`, the log's
+        first_lsn, on) against what it announced."""
         where = f"run {run.run} (LSNs {run.start + 1}..{run.end}, killed: {run.plan})"
-        if run.opened is not None and run.opened != (1, run.start):
-            self.fail(f"{where}: the writer opened the log at {run.opened}, not (1, {run.start})")
+        if run.opened is not None and run.opened != (self.first, run.start):
+            self.fail(
+                f"{where}: the writer opened the log at {run.opened}, not "
+                f"({self.first}, {run.start})"
+            )
         if new and run.opened is None:
             self.fail(f"{where}: {len(new)} records appeared, but the writer never opened")
-        # Acknowledged records: present, exact, whole units at consecutive LSNs, in order.
+        # Acknowledged records: present (unless truncated), exact, whole units at
+        # consecutive LSNs, in order.
         lsn_of = {ws: lsn for lsn, ws in run.acks.items()}
         for lsn, (w, seq) in sorted(run.acks.items()):
+            if lsn < log_first:
+                continue
             if lsn not in new:
                 self.fail(f"{where}: acknowledged LSN {lsn} (writer {w} seq {seq}) is missing")
             if new[lsn] != writer.record(run.run, w, seq):
@@ -277,7 +370,8 @@ class Checker:
         writers = [w for w, _, _ in in_flight]
         if len(writers) != len(set(writers)):
             self.fail(f"{where}: a writer had two units in flight: {sorted(in_flight)}")
-        # Every other record: whole in-flight units, each at most once.
+        # Every other record: whole in-flight units, each at most once; the first may have
+        # lost its head to a truncation, if the log now starts inside this round.
         unacked = sorted(set(new) - set(run.acks))
         stretches: list[list[int]] = []
         for lsn in unacked:
@@ -290,7 +384,8 @@ class Checker:
             for w, seq, k in in_flight
         ]
         contents = [tuple(new[lsn] for lsn in stretch) for stretch in stretches]
-        if not tile(contents, units):
+        head_cut = log_first > run.start + 1 and bool(stretches) and stretches[0][0] == log_first
+        if not tile(contents, units, head_cut):
             shown = "\n".join(
                 f"  LSN {lsn}: {describe(new[lsn])}" for stretch in stretches for lsn in stretch
             )
@@ -313,6 +408,33 @@ def kill_plan(rng: random.Random, round_no: int) -> tuple[str, float]:
     return ("open", round(rng.uniform(0.0, 0.02), 4))  # the first batches and rotations
 
 
+async def torture(
+    log_dir: Path,
+    writer_loop: str,
+    durability: str,
+    *extra: str,
+    removals: tuple[int, int] = (0, 0),
+) -> Checker:
+    """Kill the writer (started with `extra` options) ROUNDS times on one log, checking
+    the log after each kill. The first round runs until `removals` (completed
+    truncations, drops) happened too."""
+    test_loop = type(asyncio.get_running_loop()).__module__.partition(".")[0]
+    key = "/".join((str(SEED), writer_loop, durability, *extra, test_loop))
+    rng = random.Random(key)
+    context = f"WALASYNC_TORTURE_SEED={SEED} writer on {writer_loop}, durability={durability}"
+    checker = Checker(log_dir, " ".join((context, *extra)), seed=key)
+    run_ids = rng.sample(range(1, 1_000_000), ROUNDS)
+    for round_no, run_id in enumerate(run_ids):
+        run = Run(run_id, start=len(checker.digests), plan=kill_plan(rng, round_no))
+        if round_no == 0:
+            run.removals = removals
+        checker.context = f"{context} {' '.join(extra)}, round {round_no + 1}/{ROUNDS}"
+        await run_writer(log_dir, run, writer_loop, durability, "--readers", READERS, *extra)
+        await checker.verify(run)
+    assert checker.acknowledged >= 300  # the first round alone acknowledged that many
+    return checker
+
+
 @pytest.mark.timeout(max(120, 20 * ROUNDS))
 @pytest.mark.parametrize(
     ("writer_loop", "durability"),
@@ -321,17 +443,27 @@ def kill_plan(rng: random.Random, round_no: int) -> tuple[str, float]:
 async def test_acknowledged_records_survive_sigkill(
     log_dir: Path, writer_loop: str, durability: str
 ) -> None:
-    test_loop = type(asyncio.get_running_loop()).__module__.partition(".")[0]
-    rng = random.Random(f"{SEED}/{writer_loop}/{durability}/{test_loop}")
-    context = f"WALASYNC_TORTURE_SEED={SEED} writer on {writer_loop}, durability={durability}"
-    checker = Checker(log_dir, context)
-    run_ids = rng.sample(range(1, 1_000_000), ROUNDS)
-    for round_no, run_id in enumerate(run_ids):
-        run = Run(run_id, start=len(checker.digests), plan=kill_plan(rng, round_no))
-        checker.context = f"{context}, round {round_no + 1}/{ROUNDS}"
-        await run_writer(log_dir, run, writer_loop, durability, "--readers", READERS)
-        await checker.verify(run)
-    assert checker.acknowledged >= 300  # the first round alone acknowledged that many
+    await torture(log_dir, writer_loop, durability)
+
+
+RETAIN = str(4 * writer.SEGMENT_SIZE)  # about four segments: retention drops every few
+
+
+@pytest.mark.timeout(max(120, 20 * ROUNDS))
+@pytest.mark.parametrize(
+    ("writer_loop", "durability", "retention"),
+    [("asyncio", "fsync", None), ("uvloop", "fsync", RETAIN), ("asyncio", "interval", RETAIN)],
+)
+async def test_truncated_log_survives_sigkill(
+    log_dir: Path, writer_loop: str, durability: str, retention: str | None
+) -> None:
+    """As above, with `truncate_front` every few milliseconds (and retention): see the
+    module docstring. Durability.NONE is left out: see test_model.py's
+    test_truncating_unsynced_sealed_segments_in_none_mode_keeps_the_log_working."""
+    extra = ("--truncate", *(("--retention", retention) if retention else ()))
+    removals = (3, 2 if retention else 0)  # in the first round, before the kill
+    checker = await torture(log_dir, writer_loop, durability, *extra, removals=removals)
+    assert checker.truncations >= removals[0] and checker.drops >= removals[1]
 
 
 async def test_read_stops_at_end_across_batches(log_dir: Path) -> None:
