@@ -147,7 +147,11 @@ class Appender:
 
     def _sync(self) -> None:
         while self._unsynced:
-            fd = self.io.open(self._unsynced[0])  # fdatasync flushes the file, by any fd
+            try:
+                fd = self.io.open(self._unsynced[0])  # fdatasync flushes it, by any fd
+            except FileNotFoundError:  # truncated away meanwhile: nothing left to flush
+                del self._unsynced[0]
+                continue
             try:
                 self.io.fdatasync(fd)
             finally:

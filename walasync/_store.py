@@ -360,7 +360,8 @@ class Store:
         _, head, payload = batches[0]
         keep = target - head.first_lsn
         joined = [i for i in fmt.joined_records(head, payload) if i < keep]
-        if keep - 1 in joined:
+        # Records kept below first_lsn are unreadable anyway: their unit may be cut.
+        if keep - 1 in joined and target > self.meta.first_lsn:
             raise ValueError(f"LSN {target - 1} is inside an append_many unit: cut at a unit's end")
         records = fmt.decode_records(head, payload)[:keep]
         return offset, b"".join(fmt.encode_batch(head.first_lsn, records, salt, joined))

@@ -199,6 +199,7 @@ class Wal:
         self._batcher.check_loop()
         if self.closed:
             raise ClosedError("the log is closed")
+        segments = self._store.snapshot()  # before first_lsn: no truncation slips between
         first = self.first_lsn
         start = first if start is None else start
         if start < 1:
@@ -209,7 +210,7 @@ class Wal:
             stop = _NO_END if end is None else end
             return follow_records(self._store, self._batcher, start, stop)
         stop = self.last_lsn if end is None else min(end, self.last_lsn)
-        return read_records(self._store, self._store.snapshot(), max(start, first), stop)
+        return read_records(self._store, segments, max(start, first), stop)
 
     async def truncate_front(self, lsn: int) -> None:
         """Remove every record below `lsn`: `first_lsn` becomes `lsn` (if higher), and the
@@ -228,6 +229,8 @@ class Wal:
         if not 1 <= lsn <= self.last_lsn + 1:
             raise ValueError(f"truncate_front({lsn}): lsn must be in 1..{self.last_lsn + 1}")
         async with self._lifecycle:
+            if self.synced_lsn < lsn - 1:  # relaxed modes: what stays must be durable first
+                await self._batcher.sync()
             with _os_errors(f"truncating {self.path}"):
                 await self._worker.run(self._store.truncate_front, lsn)
 
@@ -481,7 +484,7 @@ def open(
         retention_bytes=retention_bytes,
         retention_age=retention_age,
     )
-    if first_lsn is not None and (not isinstance(first_lsn, int) or first_lsn < 1):
-        raise ValueError(f"first_lsn must be an int >= 1, not {first_lsn!r}")
+    if first_lsn is not None and (not isinstance(first_lsn, int) or not 1 <= first_lsn <= 1 << 63):
+        raise ValueError(f"first_lsn must be an int from 1 to 2**63, not {first_lsn!r}")
     where, layer = os.fspath(path), io or FileIO()
     return Opener(lambda: _open_wal(where, options, layer, first_lsn, on_segment_drop))
