@@ -10,6 +10,7 @@ import asyncio
 import errno
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import cancel_after, small, until
@@ -385,7 +386,7 @@ async def test_interval_mode_acks_before_fdatasync_and_syncs_in_background(
     io = ControlledIO()
     # A sync interval longer than the test: appends are acknowledged with no fdatasync.
     # (Counting fdatasyncs against a short interval would count the machine's speed.)
-    opts = {"durability": Durability.INTERVAL, "sync_interval": 60}
+    opts: dict[str, Any] = {"durability": Durability.INTERVAL, "sync_interval": 60}
     async with walasync.open(log_dir, io=io, **opts) as wal:
         syncs = io.fdatasyncs
         lsns = [await wal.append(b"%d" % i) for i in range(50)]

@@ -673,11 +673,11 @@ def test_a_lost_last_segment_is_never_silent_at_any_crash_point_of_rotation(loop
     """Recover each crash image of a rotating workload, then lose its last segment file:
     the next open either reports the loss (CorruptionError naming the missing file) or
     finds every LSN the log had, so that no acknowledged LSN is ever handed out again."""
-    opts = {"segment_size": 4096}
+    opts: dict[str, Any] = {"segment_size": 4096}
 
     async def last_lsn(disk: SimulatedDisk) -> int:
         async with walasync.open(LOG, io=disk, **opts) as wal:
-            return wal.last_lsn
+            return int(wal.last_lsn)
 
     async def main() -> tuple[int, int]:
         session = Session(SimulatedDisk.from_files({}, dirs=[ROOT]), opts, ("drop", "torn"), 13)
@@ -749,7 +749,7 @@ async def truncating(s: CutSession) -> None:
 def test_crash_at_every_step_of_truncate_front(loop: str) -> None:
     """No crash brings a truncated record back once truncate_front returned, none at or
     above the cut is lost, and first_lsn never passes a cut that was not asked for."""
-    opts = {"segment_size": 4096}
+    opts: dict[str, Any] = {"segment_size": 4096}
 
     async def check(image: Image, cut: tuple[int, int], history: History) -> None:
         done, begun = cut
@@ -838,7 +838,7 @@ async def cutting_back(s: BackCutSession) -> None:
 def test_crash_at_every_step_of_truncate_back(loop: str) -> None:
     """A crash at any step of a cut recovers the log before the cut or after it; never a
     record that was both reported removed and present, never a lost one at or below it."""
-    opts = {"segment_size": 4096}
+    opts: dict[str, Any] = {"segment_size": 4096}
 
     def fits(
         records: list[walasync.Record], log: dict[int, bytes], extra: frozenset[bytes]

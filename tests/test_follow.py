@@ -150,7 +150,7 @@ async def test_a_follower_at_the_end_of_an_idle_log_gets_the_next_append(log_dir
         assert not nxt.done()
         assert await wal.append(b"new") == 4
         assert await nxt == Record(4, b"new")
-        await it.aclose()
+        await it.aclose()  # type: ignore[attr-defined]
 
 
 async def test_a_follower_never_passes_synced_lsn_in_interval_mode(log_dir: Path) -> None:
@@ -321,8 +321,8 @@ async def test_cancelling_a_reader_inside_a_file_read_closes_its_file(
         first = asyncio.Event()
         go_on = asyncio.Event()
 
-        async def follow() -> None:
-            async for rec in wal.read(follow=follow):
+        async def follower_task() -> None:
+            async for rec in wal.read(follow=True):
                 got.append(rec)
                 first.set()
                 await go_on.wait()
@@ -331,7 +331,7 @@ async def test_cancelling_a_reader_inside_a_file_read_closes_its_file(
         if at == "open":
             io.reads.clear()  # the follower's first open waits at the gate
             go_on.set()
-        follower = asyncio.ensure_future(follow())
+        follower = asyncio.ensure_future(follower_task())
         if at == "read":
             await first.wait()
             io.reads.clear()  # its next pread, in the same file, waits at the gate

@@ -56,7 +56,7 @@ async def test_a_torn_tail_in_a_recycled_segment_keeps_the_old_frames(log_dir: P
     end = next(  # the end of the new data: the first frame that is not this segment's
         o
         for o in range(fmt.SEGMENT_HEADER, len(data), 8)
-        if (h := fmt.parse_batch_header(data, o)) is not None and h.first_lsn == lsn
+        if (h := fmt.parse_batch_header(bytes(data), o)) is not None and h.first_lsn == lsn
     )
     data[end + 4] ^= 0xFF  # tear the last batch
     last.write_bytes(bytes(data))

@@ -275,7 +275,7 @@ async def test_retention_never_drops_what_is_not_durable(log_dir: Path) -> None:
 async def test_retention_options_are_checked(log_dir: Path) -> None:
     for bad in ({"retention_bytes": 0}, {"retention_age": -1}, {"retention_bytes": "1"}):
         with pytest.raises(ValueError):
-            walasync.open(log_dir, **bad)  # type: ignore[arg-type]
+            walasync.open(log_dir, **bad)
     async with walasync.open(log_dir) as wal:
         assert await wal.apply_retention() == []  # no retention set
 

@@ -207,7 +207,7 @@ async def test_bad_options_are_rejected(log_dir: Path) -> None:
         with pytest.raises(ValueError):
             walasync.open(log_dir, **bad)
     with pytest.raises(TypeError):
-        walasync.open(log_dir, no_such_option=1)
+        walasync.open(log_dir, no_such_option=1)  # type: ignore[call-overload]
 
 
 async def test_use_from_another_event_loop_is_a_typed_error(log_dir: Path) -> None:
@@ -309,12 +309,12 @@ async def _append_none(wal: walasync.Wal) -> object:
     return await wal.append_many([])
 
 
-async def _sync(wal: walasync.Wal) -> object:
-    return await wal.sync()
+async def _sync(wal: walasync.Wal) -> None:
+    await wal.sync()
 
 
-async def _close(wal: walasync.Wal) -> object:
-    return await wal.close()
+async def _close(wal: walasync.Wal) -> None:
+    await wal.close()
 
 
 async def _context(wal: walasync.Wal) -> object:

@@ -404,16 +404,6 @@ async def _open_wal(
 def open(
     path: str | os.PathLike[str],
     *,
-    readonly: Literal[True],
-    io: FileIO | None = None,
-    poll_interval: float = 0.05,
-) -> Opener[ReadOnlyWal]: ...
-
-
-@overload
-def open(
-    path: str | os.PathLike[str],
-    *,
     readonly: Literal[False] = False,
     io: FileIO | None = None,
     durability: Durability | str = Options.durability,
@@ -428,6 +418,16 @@ def open(
     on_segment_drop: DropHook | None = None,
     first_lsn: int | None = None,
 ) -> Opener[Wal]: ...
+
+
+@overload
+def open(
+    path: str | os.PathLike[str],
+    *,
+    readonly: Literal[True],
+    io: FileIO | None = None,
+    poll_interval: float = 0.05,
+) -> Opener[ReadOnlyWal]: ...
 
 
 def open(
