@@ -8,7 +8,7 @@ from itertools import pairwise
 from pathlib import Path
 
 import pytest
-from conftest import segment_files, small
+from conftest import segment_files, small, until
 
 import walasync
 from walasync import CorruptionError, Record, TruncatedError
@@ -365,12 +365,12 @@ async def test_appends_during_truncate_back_follow_the_cut(log_dir: Path) -> Non
                 i += 1
 
         tasks = [asyncio.ensure_future(appender(n)) for n in range(30)]
-        await asyncio.sleep(0.005)
+        await until(lambda: len(before) >= 30, "appends before the cut")
         behind = wal.read(1)
         await behind.__anext__()
         await wal.truncate_back(80)
         cut = True
-        await asyncio.sleep(0.005)
+        await until(lambda: len(after) >= 30, "appends after the cut")
         stop = True
         await asyncio.gather(*tasks)
         with pytest.raises(TruncatedError):

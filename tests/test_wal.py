@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import LOOPS, loops, run, segment_files, small
+from conftest import LOOPS, loops, run, segment_files, small, until
 
 import walasync
 from walasync import ClosedError, Record, RecordTooLargeError, WalError, WrongLoopError
@@ -358,7 +358,7 @@ async def test_every_method_from_another_thread_is_a_wrong_loop_error(
     async with walasync.open(log_dir) as wal:
         await wal.append(b"first")
         owner = Appenders(wal, 100 if busy else 0)
-        await asyncio.sleep(0.001)
+        await until(lambda: owner.acked or not busy, "the owner's appenders at work")
         with pytest.raises(WrongLoopError):
             await asyncio.to_thread(asyncio.run, FOREIGN[method](wal))
         assert not wal.closed and "open" in repr(wal)
