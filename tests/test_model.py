@@ -39,7 +39,7 @@ in the same way.
 Environment: WALASYNC_MODEL_EXAMPLES (default 40) examples per event loop,
 WALASYNC_MODEL_STEPS (default 30) steps per example; `--hypothesis-seed` replays.
 
-Library bugs found on the way are at the end of this file, as strict xfails.
+Library bugs found on the way are at the end of this file, each a plain test now.
 """
 
 from __future__ import annotations
@@ -140,8 +140,6 @@ class LogModel(RuleBasedStateMachine):
         self.first = self.next = 1
         self.unit_ends: set[int] = set()  # LSNs that end an append unit
         # LSN -> which step appended it: a batch never holds records of two steps.
-        self.step_of: dict[int, int] = {}
-        self.steps = 0
         # Retention: whether the hook lets segments go, what it let go, what went wrong.
         self.may_drop = False
         self.let_go: list[SegmentInfo] = []
@@ -165,14 +163,12 @@ class LogModel(RuleBasedStateMachine):
         """Units were appended (concurrently, if several): each got consecutive LSNs, and
         together they took the next LSNs, in some order."""
         taken: list[int] = []
-        self.steps += 1
         for lsns, datas in units:
             assert len(lsns) == len(datas) and lsns.step == 1
             if not datas:
                 continue  # an empty append_many takes no LSN
             taken.extend(lsns)
             self.records.update(zip(lsns, datas, strict=True))
-            self.step_of.update(dict.fromkeys(lsns, self.steps))
             self.unit_ends.add(lsns[-1])
         assert sorted(taken) == list(range(self.next, self.next + len(taken)))
         self.next += len(taken)
@@ -180,13 +176,13 @@ class LogModel(RuleBasedStateMachine):
     def cut_front(self, lsn: int) -> None:
         """truncate_front(lsn) in the model."""
         for n in range(self.first, min(lsn, self.next)):
-            del self.records[n], self.step_of[n]
+            del self.records[n]
         self.first = max(self.first, lsn)
 
     def cut_back(self, lsn: int) -> None:
         """truncate_back(lsn) in the model: nothing after `lsn`, the next append gets lsn + 1."""
         for n in range(lsn + 1, self.next):
-            del self.records[n], self.step_of[n]
+            del self.records[n]
         self.unit_ends = {n for n in self.unit_ends if n <= lsn}
         self.next = lsn + 1
 
@@ -355,24 +351,19 @@ class LogModel(RuleBasedStateMachine):
         appends, all at once; with `pause`, the read waits after its first record until
         the truncation returned. The read gives the model's records from `start` on; if
         it stops with TruncatedError, the record it was at is below `lsn`; and once the
-        truncation returned it gives no record below `lsn`, but for the rest of a batch it
-        was in (a batch holds records of one step only; see the xfail test
-        test_a_read_overtaken_inside_a_batch_yields_no_removed_record)."""
+        truncation returned it gives no record below `lsn`, not even the rest of a batch it
+        had read already."""
         start = data.draw(st.integers(self.first, self.next), label="start")
         lsn = data.draw(st.integers(self.first, self.next), label="lsn")
         expected = [Record(n, self.records[n]) for n in range(start, self.next)]
-        step_of = self.step_of.copy()
         truncated = asyncio.Event()
 
         async def consume(reading: AsyncIterator[Record]) -> tuple[list[Record], bool]:
             got: list[Record] = []
-            was_in = None  # the step of the last record given before the truncation returned
             try:
                 async for rec in reading:
                     got.append(rec)
-                    if not truncated.is_set():
-                        was_in = step_of.get(rec.lsn)
-                    elif rec.lsn < lsn and step_of[rec.lsn] != was_in:
+                    if truncated.is_set() and rec.lsn < lsn:
                         raise AssertionError(f"{rec.lsn} read after truncate_front({lsn})")
                     if pause and len(got) == 1:
                         await truncated.wait()
@@ -468,11 +459,6 @@ async def test_retention_in_none_mode_keeps_the_log_working(log_dir: Path) -> No
         assert await wal.append(b"after") == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a read overtaken by truncate_front inside a batch it has already decoded "
-    "goes on yielding that batch's removed records; first_lsn is checked per batch only",
-)
 async def test_a_read_overtaken_inside_a_batch_yields_no_removed_record(log_dir: Path) -> None:
     async with walasync.open(log_dir) as wal:
         await wal.append_many([b"a", b"b", b"c", b"d"])  # one batch
@@ -487,12 +473,47 @@ async def test_a_read_overtaken_inside_a_batch_yields_no_removed_record(log_dir:
         assert got == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Wal.read checks start against first_lsn, then takes the segment snapshot; "
-    "a truncation to a segment boundary (what retention always does) committing in "
-    "between makes the read start at the new oldest segment, silently skipping records",
-)
+async def test_a_read_overtaken_inside_a_batch_by_truncate_back_yields_no_removed_record(
+    log_dir: Path,
+) -> None:
+    async with walasync.open(log_dir) as wal:
+        # Two units, queued before the batcher runs: one batch.
+        await asyncio.gather(wal.append_many([b"a", b"b"]), wal.append_many([b"c", b"d"]))
+        reading = wal.read()
+        assert await reading.__anext__() == Record(1, b"a")
+        await wal.truncate_back(2)
+        await wal.append_many([b"C", b"D"])  # LSNs 3 and 4 again, other data
+        got = [await reading.__anext__()]
+        with pytest.raises(TruncatedError):
+            got.extend([rec async for rec in reading])
+        assert got == [Record(2, b"b")]
+
+
+async def test_a_follower_overtaken_inside_a_batch_yields_no_removed_record(
+    log_dir: Path,
+) -> None:
+    async with walasync.open(log_dir) as wal:
+        await asyncio.gather(wal.append_many([b"a", b"b"]), wal.append_many([b"c", b"d"]))
+        following = wal.read(follow=True, end=6)
+        assert await following.__anext__() == Record(1, b"a")
+        await wal.truncate_back(2)
+        await wal.append_many([b"C", b"D", b"E", b"F"])
+        # The follower had given nothing past the cut: it goes on with the new records.
+        assert [rec async for rec in following] == [
+            Record(2, b"b"),
+            Record(3, b"C"),
+            Record(4, b"D"),
+            Record(5, b"E"),
+            Record(6, b"F"),
+        ]
+        following = wal.read(follow=True)
+        assert await following.__anext__() == Record(1, b"a")
+        await wal.truncate_front(4)
+        with pytest.raises(TruncatedError):
+            await following.__anext__()  # record 2, removed: not given
+        await following.aclose()
+
+
 async def test_a_read_racing_a_truncation_never_skips_records(
     log_dir: Path, no_blocking_calls_on_the_loop: Any
 ) -> None:
@@ -512,12 +533,15 @@ async def test_a_read_racing_a_truncation_never_skips_records(
             return tuple(take_snapshot())
 
         store.snapshot = snapshot_after_a_truncation
-        reading = wal.read(5)
-        store.snapshot = take_snapshot
-        assert wal.first_lsn == cut
         with pytest.raises(TruncatedError):
-            first = await reading.__anext__()  # here: Record(cut, ...), no error
+            try:
+                reading = wal.read(5)
+            finally:
+                store.snapshot = take_snapshot
+            # Checking first_lsn before the snapshot would start the read at `cut`.
+            first = await reading.__anext__()
             pytest.fail(f"read(5) began with LSN {first.lsn}, records 5..{cut - 1} gone")
+        assert wal.first_lsn == cut
 
 
 @loops

@@ -28,6 +28,7 @@ __all__ = ("Record", "Watermark", "follow_records", "read_records")
 
 CHUNK = 1 << 20
 FIRST_CHUNK = 64 << 10  # the first read after a seek: the first record comes sooner
+_NONE_REMOVED = 1 << 64  # above every LSN
 T = TypeVar("T")
 
 
@@ -108,11 +109,35 @@ async def read_records(
         CorruptionError: a batch up to `stop` is invalid, or the LSNs have a gap.
         WalError: a read failed (the OSError is its cause).
     """
+    ncuts = len(store.cuts)
     async with contextlib.aclosing(_batches(store, segments, start, stop)) as batches:
         async for lsn, records in batches:
+            meta, removed = store.meta, _NONE_REMOVED
             for data in records:
+                if store.meta is not meta:  # a truncation committed while we yielded
+                    meta, removed = store.meta, _removed_from(store, lsn, ncuts)
+                if lsn >= removed:
+                    raise _cut_error(removed)
                 yield Record(lsn, data)
                 lsn += 1
+
+
+def _removed_from(store: Store, lsn: int, ncuts: int) -> int:
+    """The first LSN, `lsn` or after, that truncations removed since the read began (a
+    huge number if none): checked, for records decoded already, once a truncation
+    committed (the store's META changed), so a batch read before it never hands out a
+    removed record. Raises `TruncatedError` if truncate_front removed `lsn`; the
+    truncate_back calls before the read (the first `ncuts`) are accounted for already."""
+    first = store.meta.first_lsn
+    if lsn < first:
+        raise TruncatedError(
+            f"records from {lsn} to {first - 1} were truncated while this read ran"
+        )
+    return min(store.cuts[ncuts:], default=_NONE_REMOVED)
+
+
+def _cut_error(cut: int) -> TruncatedError:
+    return TruncatedError(f"records from {cut} on were truncated while this read ran")
 
 
 async def _batches(
@@ -254,7 +279,12 @@ async def follow_records(
             try:
                 async with contextlib.aclosing(_batches(store, segments, start, upto)) as batches:
                     async for lsn, records in batches:
+                        meta, removed = store.meta, _NONE_REMOVED
                         for data in records:
+                            if store.meta is not meta:
+                                meta, removed = store.meta, _removed_from(store, lsn, seen)
+                            if lsn >= removed:
+                                raise _cut_error(removed)
                             yield Record(lsn, data)
                             lsn += 1
                             start = lsn
