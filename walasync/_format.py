@@ -179,7 +179,11 @@ def encode_batch(
         lengths.byteswap()
     body = b"".join((lengths.tobytes(), *records, _PADS[-length & 7]))
     fields = _FIELDS.pack(length, len(lengths), first_lsn)
-    crc = crc32c(memoryview(body)[:length], crc32c(_SALT.pack(salt) + fields))
+    # Holding the GIL through the checksum (tens of microseconds for a MiB) is cheaper than
+    # releasing it: this runs on the I/O thread, and taking the GIL back from a busy loop
+    # costs that thread a wait each time (4 KiB records at 256 appenders: 0.37 ms of a
+    # 0.9 ms batch went to encoding with the default release for buffers over 32 KiB).
+    crc = crc32c(memoryview(body)[:length], crc32c(_SALT.pack(salt) + fields), gil_release_mode=0)
     return _BATCH.pack(BATCH_MAGIC, crc, length, len(lengths), first_lsn), body
 
 
