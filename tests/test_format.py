@@ -65,7 +65,7 @@ def test_segment_header_round_trip(first_lsn: int, salt: int) -> None:
     assert decoded == fmt.SegmentHeader(first_lsn, salt)
     assert (decoded.first_lsn, decoded.salt) == (first_lsn, salt)
     # Whatever follows the header (the first batch) is not part of it.
-    assert fmt.decode_segment_header(head + b"\xff" * 100) == (first_lsn, salt, 0)
+    assert fmt.decode_segment_header(head + b"\xff" * 100) == (first_lsn, salt, 0, 2)
 
 
 @given(U64, SALT, SALT)
@@ -73,7 +73,7 @@ def test_a_recycled_segment_header_keeps_the_previous_salt(
     first_lsn: int, salt: int, previous: int
 ) -> None:
     head = fmt.encode_segment_header(first_lsn, salt, previous)
-    assert fmt.decode_segment_header(head) == (first_lsn, salt, previous)
+    assert fmt.decode_segment_header(head) == (first_lsn, salt, previous, 2)
 
 
 @given(st.lists(st.binary(max_size=40), min_size=1, max_size=20), st.data())
@@ -191,7 +191,7 @@ def test_segment_header_field_changed_without_its_checksum_is_a_format_error(
         fmt.decode_segment_header(bytes(forged))
 
 
-@pytest.mark.parametrize("version", [fmt.FORMAT_VERSION + 1, fmt.FORMAT_VERSION + 100, 0xFFFF, 0])
+@pytest.mark.parametrize("version", [fmt.ZSTD_VERSION + 1, fmt.ZSTD_VERSION + 100, 0xFFFF, 0])
 def test_other_segment_version_is_a_value_error(version: int) -> None:
     with pytest.raises(ValueError) as info:
         fmt.decode_segment_header(segment_header(fmt.SEGMENT_MAGIC, version, 5, salt=77))
@@ -201,7 +201,7 @@ def test_other_segment_version_is_a_value_error(version: int) -> None:
 
 def test_segment_header_flags_do_not_matter() -> None:
     head = segment_header(fmt.SEGMENT_MAGIC, 1, 5, flags=3, salt=77)
-    assert fmt.decode_segment_header(head) == fmt.SegmentHeader(5, 77)
+    assert fmt.decode_segment_header(head) == fmt.SegmentHeader(5, 77, version=1)
 
 
 # -- batch frames -------------------------------------------------------------------------

@@ -934,7 +934,7 @@ async def test_last_segment_of_a_newer_format_fails_open(log_dir: Path) -> None:
     await write_log(log_dir, datas(5))
     (last,) = segment_files(log_dir)
     head = bytearray(last.read_bytes()[:HEADER])
-    head[8] = fmt.FORMAT_VERSION + 1  # the version, then a fresh checksum
+    head[8] = max(fmt.READABLE_VERSIONS) + 1  # the version, then a fresh checksum
     head[28:32] = crc32c(bytes(head[:28])).to_bytes(4, "little")
     write_at(last, 0, bytes(head))
     exc = await open_fails(log_dir, UnsupportedFormatError)

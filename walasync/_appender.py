@@ -69,6 +69,7 @@ class Appender:
         self.fd = last.fd
         self.first = last.first_lsn  # of the last segment
         self.salt = last.salt
+        self.version = last.version  # of the last segment's format
         self.end = last.end  # where the next batch goes
         self.next_lsn = last.next_lsn
         self.index = last.index
@@ -111,14 +112,22 @@ class Appender:
             raise
         self._refused = None
 
+    def _encode(
+        self, first_lsn: int, records: Sequence[bytes], joined: Sequence[int]
+    ) -> tuple[bytes, bytes]:
+        # Compressed batches only go into a segment whose format version says they may.
+        compress = self.store.compress if self.version >= fmt.ZSTD_VERSION else None
+        return fmt.encode_batch(first_lsn, records, self.salt, joined, compress)
+
     def _write(
         self, first_lsn: int, records: Sequence[bytes], sync: bool, joined: Sequence[int]
     ) -> None:
-        head, body = fmt.encode_batch(first_lsn, records, self.salt, joined)
+        head, body = self._encode(first_lsn, records, joined)
         size = len(head) + len(body)
         if self.end + size > self.segment_size and self.end > fmt.SEGMENT_HEADER:
             self._rotate(first_lsn)
-            head, body = fmt.encode_batch(first_lsn, records, self.salt, joined)  # new salt
+            head, body = self._encode(first_lsn, records, joined)  # new salt
+            size = len(head) + len(body)
         if self._zero is not None:
             self._zero.claim(self.end + size)
         if sync:
@@ -196,6 +205,7 @@ class Appender:
             self.failed = exc
             raise
         self.fd, self.first, self.salt = last.fd, last.first_lsn, last.salt
+        self.version = last.version
         self.end, self.next_lsn, self.index = last.end, last.next_lsn, last.index
         self._dirty = False
         self._refused = None
@@ -227,8 +237,11 @@ class Appender:
         seal = fmt.encode_seal(first_lsn, self.index.lsns, self.index.offsets, self.salt)
         if self._zero is not None:
             self._zero.claim(self.end + len(seal))  # no zeros over the seal
+        version = self.store.new_version()
         try:
-            salt = seg.install(self.io, fd, spare_path, self.store.path, first_lsn, previous)
+            salt = seg.install(
+                self.io, fd, spare_path, self.store.path, first_lsn, previous, version
+            )
         except OSError as exc:
             self._discard(fd, spare_path)
             raise NotWritten(exc) from exc
@@ -244,7 +257,7 @@ class Appender:
             self._unsynced.append(self.store.segment_path(self.first))
         self.fd = fd
         self.io.close(old_fd)
-        self.first, self.salt = first_lsn, salt
+        self.first, self.salt, self.version = first_lsn, salt, version
         self.end = fmt.SEGMENT_HEADER
         self.next_lsn = first_lsn
         self.index = seg.Index()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from . import _compress
+
 __all__ = ("Durability", "Options")
 
 KiB = 1024
@@ -41,6 +43,8 @@ class Options:
     sync_interval: float = 0.05
     retention_bytes: int | None = None
     retention_age: float | None = None
+    compression: str | None = None
+    compression_level: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "durability", Durability(self.durability))
@@ -64,3 +68,4 @@ class Options:
                 not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0
             ):
                 raise ValueError(f"{name} must be a number > 0 or None, not {value!r}")
+        _compress.check(self.compression, self.compression_level)

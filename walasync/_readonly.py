@@ -144,10 +144,13 @@ class ReadOnlyWal:
         )
 
 
-async def _open_readonly(path: str, io: FileIO, poll_interval: float) -> ReadOnlyWal:
+async def _open_readonly(
+    path: str, io: FileIO, poll_interval: float, max_record_size: int
+) -> ReadOnlyWal:
     loop = asyncio.get_running_loop()
     try:
         store = await loop.run_in_executor(None, Store.open_readonly, io, path)
+        store.max_record_size = max_record_size
         next_lsn = await loop.run_in_executor(None, store.refresh)
     except FileNotFoundError as exc:
         raise WalError(f"no walasync log at {path} (no such directory)") from exc
@@ -159,12 +162,18 @@ async def _open_readonly(path: str, io: FileIO, poll_interval: float) -> ReadOnl
 
 
 def open_readonly(
-    path: str | os.PathLike[str], io: FileIO, poll_interval: float
+    path: str | os.PathLike[str], io: FileIO, poll_interval: float, max_record_size: int
 ) -> Opener[ReadOnlyWal]:
     """See `walasync.open(path, readonly=True)`."""
     if not os.fspath(path):
         raise ValueError("a log path must not be empty (use '.' for the current directory)")
     if poll_interval <= 0:
         raise ValueError(f"poll_interval must be > 0, not {poll_interval!r}")
+    if (
+        not isinstance(max_record_size, int)
+        or isinstance(max_record_size, bool)
+        or max_record_size <= 0
+    ):
+        raise ValueError(f"max_record_size must be a positive int, not {max_record_size!r}")
     where = os.fspath(path)
-    return Opener(lambda: _open_readonly(where, io, poll_interval))
+    return Opener(lambda: _open_readonly(where, io, poll_interval, max_record_size))

@@ -20,6 +20,7 @@ from array import array
 from bisect import bisect_right
 from dataclasses import dataclass
 
+from . import _compress
 from . import _format as fmt
 from ._io import FileIO
 from .errors import CorruptionError, UnsupportedFormatError
@@ -46,6 +47,7 @@ _salts = random.Random()
 _CHUNK = 1 << 20
 _SKIP_CHUNK = 64 << 10
 _ZEROS = bytes(_CHUNK)
+_BATCH_MAGICS = (fmt.BATCH_MAGIC.to_bytes(4, "little"), fmt.ZSTD_MAGIC.to_bytes(4, "little"))
 
 
 def segment_name(first_lsn: int) -> str:
@@ -77,8 +79,9 @@ def read_full_header(io: FileIO, fd: int, path: str, expected: int) -> fmt.Segme
     except fmt.FormatError as exc:
         raise CorruptionError(path, 0, str(exc)) from None
     except ValueError as exc:
+        versions = ", ".join(map(str, fmt.READABLE_VERSIONS))
         raise UnsupportedFormatError(
-            path, 0, f"format version {exc.args[0]}; this walasync reads {fmt.FORMAT_VERSION}"
+            path, 0, f"format version {exc.args[0]}; this walasync reads versions {versions}"
         ) from None
     if head.first_lsn != expected:
         raise CorruptionError(
@@ -94,10 +97,21 @@ class Scan:
     must carry, and `end` says why walking stopped: None (more may follow), "eof", "zeros",
     "sealed" (a valid seal frame is at `offset`; its index is in `index`) or "invalid"
     (the bytes at `offset` are not the batch that must come next).
+
+    With `expand` (the largest record the caller accepts), compressed batches come back
+    decompressed, as if written plain (for those who decode records); without it they come
+    back as stored, checked but never decompressed (recovery needs only the headers).
     """
 
     def __init__(
-        self, io: FileIO, fd: int, path: str, salt: int, offset: int, next_lsn: int
+        self,
+        io: FileIO,
+        fd: int,
+        path: str,
+        salt: int,
+        offset: int,
+        next_lsn: int,
+        expand: int | None = None,
     ) -> None:
         self.io = io
         self.fd = fd
@@ -109,15 +123,23 @@ class Scan:
         self.index: Index | None = None  # from the seal frame, once end == "sealed"
         self.seal_size = 0
         self.file_size = io.size(fd)
+        self.expand = expand
 
     def batches(self, max_bytes: int = _CHUNK) -> list[tuple[int, fmt.BatchHeader, bytes]]:
-        """Read and check the next batches: about `max_bytes` of them, and at least one.
+        """Read and check the next batches: about `max_bytes` of them (of their expanded
+        payloads, when expanding), and at least one.
 
         Returns (offset, header, unpadded payload) for each.
+
+        Raises:
+            CorruptionError: (expanding) the first batch is compressed and cannot be
+                expanded; a later one ends the list instead, and raises at the next call.
+            UnsupportedFormatError: (expanding) likewise, when zstandard is missing.
         """
         out: list[tuple[int, fmt.BatchHeader, bytes]] = []
         if self.end is not None:
             return out
+        expanded = 0
         want = min(max(max_bytes, fmt.BATCH_HEADER), self.file_size - self.offset)
         buf = self.io.pread(self.fd, want, self.offset) if want > 0 else b""
         pos = 0
@@ -142,11 +164,35 @@ class Scan:
             if not fmt.check_batch(head, payload, self.salt):
                 self.end = "invalid"
                 break
+            size = head.size
+            if head.compressed and self.expand is not None:
+                try:
+                    head, payload = self._expanded(head, payload)
+                except CorruptionError:
+                    if out:  # the batches before it first
+                        break
+                    raise
+                expanded += head.length
             out.append((self.offset, head, payload))
-            pos += head.size
-            self.offset += head.size
+            pos += size
+            self.offset += size
             self.next_lsn += head.nrecords
+            if expanded >= max_bytes:
+                break
         return out
+
+    def _expanded(self, head: fmt.BatchHeader, payload: bytes) -> tuple[fmt.BatchHeader, bytes]:
+        assert self.expand is not None
+        try:
+            return fmt.expand(head, payload, self.expand)
+        except fmt.FormatError as exc:
+            raise CorruptionError(self.path, self.offset, str(exc)) from None
+        except ImportError as exc:
+            raise UnsupportedFormatError(
+                self.path,
+                self.offset,
+                f"a batch compressed with zstd: reading it needs {_compress.EXTRA_HINT}",
+            ) from exc
 
     def seek(self, offset: int, lsn: int) -> None:
         """Continue from the batch at `offset`, which starts with `lsn` (from an index)."""
@@ -320,7 +366,7 @@ def repair_tail(io: FileIO, fd: int, path: str, tail: Tail) -> None:
 def _stale_start(io: FileIO, fd: int, start: int, stop: int, first_lsn: int) -> int:
     """The first 8-aligned offset after `start` holding the header of a frame of the file's
     previous life (an LSN below this segment's first), or `stop`."""
-    magics = (fmt.BATCH_MAGIC.to_bytes(4, "little"), fmt.SEAL_MAGIC.to_bytes(4, "little"))
+    magics = (*_BATCH_MAGICS, fmt.SEAL_MAGIC.to_bytes(4, "little"))
     pos = start + 8
     while pos < stop:
         chunk = io.pread(fd, min(_SKIP_CHUNK, stop - pos) + fmt.BATCH_HEADER, pos)
@@ -369,16 +415,18 @@ def _last_nonzero(io: FileIO, fd: int, start: int, stop: int) -> int:
 def _valid_batch_after(scan: Scan, start: int, stop: int) -> int | None:
     """Offset of a valid batch of this segment, with an LSN at or past the one that must come
     next, at an aligned offset in (start, stop)."""
-    magic = fmt.BATCH_MAGIC.to_bytes(4, "little")
     pos = start + 8
     while pos < stop:
         chunk = scan.io.pread(scan.fd, min(_CHUNK, stop - pos) + 3, pos)
-        i = chunk.find(magic)
-        while i != -1:
-            at = pos + i
+        found = []
+        for magic in _BATCH_MAGICS:
+            i = chunk.find(magic)
+            while i != -1:
+                found.append(pos + i)
+                i = chunk.find(magic, i + 1)
+        for at in sorted(found):
             if at % 8 == 0 and at < stop and _is_batch_at(scan, at):
                 return at
-            i = chunk.find(magic, i + 1)
         pos += _CHUNK
     return None
 
@@ -428,9 +476,10 @@ def install(
     directory: str,
     first_lsn: int,
     previous_salt: int = 0,
+    version: int = fmt.FORMAT_VERSION,
 ) -> int:
-    """Turn a preallocated spare file into the segment starting at `first_lsn` and return the
-    new segment's salt. The caller fsyncs the directory next.
+    """Turn a preallocated spare file into the segment starting at `first_lsn` (of format
+    `version`) and return the new segment's salt. The caller fsyncs the directory next.
 
     The header is fdatasync'd before the rename, so a segment that exists under its final
     name after a crash always has a valid header. Until the rename succeeds, the log is
@@ -439,7 +488,7 @@ def install(
     salt = _salts.getrandbits(32)
     while salt in (0, previous_salt):  # a recycled file's old frames must never validate
         salt = _salts.getrandbits(32)
-    io.pwritev(fd, [fmt.encode_segment_header(first_lsn, salt, previous_salt)], 0)
+    io.pwritev(fd, [fmt.encode_segment_header(first_lsn, salt, previous_salt, version)], 0)
     io.fdatasync(fd)
     io.rename(spare_path, os.path.join(directory, segment_name(first_lsn)))
     return salt

@@ -20,8 +20,10 @@ from typing import NamedTuple
 from . import _format as fmt
 from . import _meta
 from . import _segment as seg
+from ._compress import Compressor
 from ._io import FileIO
 from ._meta import Meta, MetaError
+from ._options import Options
 from .errors import CorruptionError, LockedError
 
 __all__ = ("LOCK_NAME", "LastSegment", "SegmentInfo", "Store")
@@ -41,6 +43,7 @@ class LastSegment:
     next_lsn: int
     index: seg.Index
     recycled: bool = False  # the file was an older segment's: no zeros needed ahead
+    version: int = fmt.FORMAT_VERSION  # of its header: ZSTD_VERSION may hold compressed batches
 
 
 class SegmentInfo(NamedTuple):
@@ -75,6 +78,11 @@ class Store:
         self.cuts: list[int] = []  # the first LSN each truncate_back removed, in order
         self.readonly = False
         self._tail: LastSegment | None = None  # (read-only) the last segment as last seen
+        # How batches are written and read back: the writer's compressor (None: plain
+        # batches, segments of the default format version), and the largest record that
+        # readers accept when expanding a compressed batch.
+        self.compress: Compressor | None = None
+        self.max_record_size = Options.max_record_size
 
     @classmethod
     def open(cls, io: FileIO, path: str) -> Store:
@@ -345,7 +353,7 @@ class Store:
         fd = io.open_read(path)
         try:
             salt = seg.read_header(io, fd, path, first)
-            scan = seg.Scan(io, fd, path, salt, fmt.SEGMENT_HEADER, first)
+            scan = seg.Scan(io, fd, path, salt, fmt.SEGMENT_HEADER, first, self.max_record_size)
             index = self.indexes.get(first)
             found = index.find(target) if index is not None else None
             if found is not None:
@@ -435,7 +443,14 @@ class Store:
                     io.fsync_dir(self.path)
                     self.indexes[last] = tail.index
                     return LastSegment(
-                        fd, last, salt, tail.end, tail.next_lsn, tail.index, recycled
+                        fd,
+                        last,
+                        salt,
+                        tail.end,
+                        tail.next_lsn,
+                        tail.index,
+                        recycled,
+                        header.version,
                     )
             except BaseException:
                 io.close(fd)
@@ -472,14 +487,22 @@ class Store:
         fd, _ = seg.make_spare(self.io, self.path, segment_size)
         try:
             spare = os.path.join(self.path, seg.SPARE_NAME)
-            salt = seg.install(self.io, fd, spare, self.path, first_lsn)
+            version = self.new_version()
+            salt = seg.install(self.io, fd, spare, self.path, first_lsn, 0, version)
             self.io.fsync_dir(self.path)
         except BaseException:
             self.io.close(fd)
             raise
         self.segments = (first_lsn,)
         self.indexes[first_lsn] = index = seg.Index()
-        return LastSegment(fd, first_lsn, salt, fmt.SEGMENT_HEADER, first_lsn, index)
+        return LastSegment(
+            fd, first_lsn, salt, fmt.SEGMENT_HEADER, first_lsn, index, version=version
+        )
+
+    def new_version(self) -> int:
+        """The format version of the segments this writer starts: compressed batches
+        only go into segments that older readers refuse."""
+        return fmt.ZSTD_VERSION if self.compress is not None else fmt.FORMAT_VERSION
 
     def close(self) -> None:
         """Release the lock."""

@@ -19,6 +19,7 @@ from typing import Any, Literal, overload
 
 from ._appender import Appender
 from ._batcher import Batcher
+from ._compress import Compressor
 from ._io import FileIO
 from ._opener import Opener
 from ._options import Durability, Options
@@ -60,6 +61,9 @@ def _open_files(
 ) -> tuple[Store, LastSegment]:
     """Lock and recover the log (on the I/O thread)."""
     store = Store.open(io, path)
+    store.max_record_size = options.max_record_size
+    if options.compression is not None:
+        store.compress = Compressor(options.compression_level)
     try:
         return store, store.recover(options.segment_size, first_lsn)
     except BaseException:
@@ -417,6 +421,8 @@ def open(
     retention_age: float | None = None,
     on_segment_drop: DropHook | None = None,
     first_lsn: int | None = None,
+    compression: Literal["zstd"] | None = None,
+    compression_level: int = Options.compression_level,
 ) -> Opener[Wal]: ...
 
 
@@ -427,6 +433,7 @@ def open(
     readonly: Literal[True],
     io: FileIO | None = None,
     poll_interval: float = 0.05,
+    max_record_size: int = Options.max_record_size,
 ) -> Opener[ReadOnlyWal]: ...
 
 
@@ -447,6 +454,8 @@ def open(
     on_segment_drop: DropHook | None = None,
     first_lsn: int | None = None,
     poll_interval: float = 0.05,
+    compression: Literal["zstd"] | None = None,
+    compression_level: int = Options.compression_level,
 ) -> Opener[Wal] | Opener[ReadOnlyWal]:
     """Open (creating if needed) the log in directory `path`, lock it and recover it.
 
@@ -455,14 +464,18 @@ def open(
     I/O layer (`walasync.FileIO` or a subclass), to observe or inject faults in tests.
     `first_lsn` makes a new log start at that LSN (a replica restored from elsewhere, a log
     continuing another's numbering); on an existing log it must be the one it started at.
+    `compression="zstd"` compresses batches that shrink (needs `walasync[zstd]`); a log
+    reads back whatever it was written with, compressed or not.
 
     With `readonly=True`, open it for reading only (a `ReadOnlyWal`), in a process that
     is not the writer's: no lock, no file is ever written or repaired, the directory must
-    exist; followers look for new records every `poll_interval` seconds.
+    exist; followers look for new records every `poll_interval` seconds; a compressed
+    batch that would expand past its records' count times `max_record_size` is refused.
 
     Raises:
         ValueError: `path` is empty, an option is out of range, or `first_lsn` is below 1
             or differs from the existing log's.
+        ImportError: `compression="zstd"` without the zstandard package.
         LockedError: another `Wal`, in this process or another, has the log open.
         CorruptionError: the last segment is damaged beyond a torn tail, or segments are
             missing after it.
@@ -470,7 +483,7 @@ def open(
         WalError: the directory cannot be created, opened or locked.
     """
     if readonly:
-        return open_readonly(path, io or FileIO(), poll_interval)
+        return open_readonly(path, io or FileIO(), poll_interval, max_record_size)
     if not os.fspath(path):
         raise ValueError("a log path must not be empty (use '.' for the current directory)")
     options = Options(
@@ -483,6 +496,8 @@ def open(
         sync_interval=sync_interval,
         retention_bytes=retention_bytes,
         retention_age=retention_age,
+        compression=compression,
+        compression_level=compression_level,
     )
     if first_lsn is not None and (not isinstance(first_lsn, int) or not 1 <= first_lsn <= 1 << 63):
         raise ValueError(f"first_lsn must be an int from 1 to 2**63, not {first_lsn!r}")
