@@ -1,11 +1,14 @@
-"""A tiny durable key-value store: the log is the database, the dict is a cache of it.
+"""A tiny durable key-value store on `walasync.StateLog`: the dict is rebuilt by replay.
 
     python examples/kv_store.py [DIR]     # walasync installed, or PYTHONPATH=. in a checkout
 
-Every change is a log record ("set KEY VALUE" or "del KEY"), applied to the in-memory dict
-only once `append` has made it durable. On startup the store replays the whole log into
-the dict. Run it twice on the same DIR and the second run remembers the first: its run
-counter goes up and the balances it moved are still moved.
+Every change is an event (`{"op": "set", "key": ..., "value": ...}`) that `StateLog.apply`
+makes durable before it changes the dict. Opening loads the latest snapshot of the dict
+and replays the events logged after it; once 15 events have piled up since, a checkpoint
+writes the dict to a new snapshot and drops those events from the log. Run it three times
+on the same DIR: the second run replays the first one's events and checkpoints, the third
+starts from that snapshot; each remembers the runs before (its run counter goes up, the
+balances it moved stay moved).
 """
 
 from __future__ import annotations
@@ -13,77 +16,76 @@ from __future__ import annotations
 import asyncio
 import sys
 import tempfile
+from typing import Any
 
 import walasync
+
+Event = dict[str, Any]
+
+
+def apply_change(data: dict[str, str], event: Event) -> dict[str, str]:
+    """The only code that changes the dict: live, and again on replay."""
+    op = event["op"]
+    if op == "set":
+        data[event["key"]] = event["value"]
+    elif op == "del":
+        data.pop(event["key"], None)
+    elif op == "set_many":
+        data.update(event["items"])
+    else:
+        raise ValueError(f"unknown operation {op!r}")
+    return data
 
 
 class KVStore:
     """A dict whose every change is logged first."""
 
-    def __init__(self, wal: walasync.Wal) -> None:
-        self._wal = wal
-        self._data: dict[str, str] = {}
-        self._version: dict[str, int] = {}  # key -> LSN of its latest change
+    def __init__(self, state: walasync.StateLog[dict[str, str], Event]) -> None:
+        self._state = state
 
     @classmethod
     async def open(cls, path: str) -> KVStore:
-        store = cls(await walasync.open(path))
-        async for record in store._wal.read():  # replay: the log is the source of truth
-            store._apply(record.lsn, record.data)
-        return store
+        return cls(
+            await walasync.StateLog.open(
+                path, initial=dict, apply=apply_change, checkpoint_records=15
+            )
+        )
 
-    @property
-    def replayed(self) -> int:
-        return self._wal.last_lsn
+    def describe(self) -> str:
+        s = self._state
+        snapshot = f"snapshot at LSN {s.snapshot_lsn}" if s.snapshot_lsn else "no snapshot"
+        return f"{snapshot}, {s.last_lsn - s.snapshot_lsn} events replayed"
 
     def get(self, key: str, default: str | None = None) -> str | None:
-        return self._data.get(key, default)
+        return self._state.state.get(key, default)
 
     def items(self) -> list[tuple[str, str]]:
-        return sorted(self._data.items())
+        return sorted(self._state.state.items())
 
     async def set(self, key: str, value: str) -> None:
-        await self._log([_encode_set(key, value)])
+        await self._state.apply({"op": "set", "key": key, "value": value})
 
     async def delete(self, key: str) -> None:
-        await self._log([b"del " + key.encode()])
+        await self._state.apply({"op": "del", "key": key})
 
     async def set_many(self, items: dict[str, str]) -> None:
-        """Set several keys atomically: after a crash, all of them are set or none."""
-        await self._log([_encode_set(k, v) for k, v in items.items()])
+        """Set several keys atomically: one event, so after a crash all are set or none."""
+        await self._state.apply({"op": "set_many", "items": items})
+
+    async def checkpoint_if_due(self) -> int | None:
+        """Snapshot the dict once enough events piled up; the LSN it covers, if it did."""
+        if not self._state.should_checkpoint:
+            return None
+        return await self._state.checkpoint()
 
     async def close(self) -> None:
-        await self._wal.close()
-
-    async def _log(self, records: list[bytes]) -> None:
-        lsns = await self._wal.append_many(records)
-        for lsn, data in zip(lsns, records, strict=True):
-            self._apply(lsn, data)
-
-    def _apply(self, lsn: int, data: bytes) -> None:
-        op, _, rest = data.decode().partition(" ")
-        key, _, value = rest.partition(" ")
-        if self._version.get(key, 0) > lsn:
-            return  # a concurrent, later change to this key was applied first
-        self._version[key] = lsn
-        if op == "set":
-            self._data[key] = value
-        elif op == "del":
-            self._data.pop(key, None)
-        else:
-            raise ValueError(f"LSN {lsn}: unknown operation {data!r}")
-
-
-def _encode_set(key: str, value: str) -> bytes:
-    if not key or " " in key:
-        raise ValueError(f"a key must be non-empty and have no spaces: {key!r}")
-    return f"set {key} {value}".encode()
+        await self._state.close()
 
 
 async def main(path: str) -> None:
     kv = await KVStore.open(path)
     try:
-        print(f"replayed {kv.replayed} records: {dict(kv.items())}")
+        print(f"opened: {kv.describe()}: {dict(kv.items())}")
 
         runs = int(kv.get("runs", "0") or "0") + 1
         await kv.set("runs", str(runs))
@@ -97,12 +99,15 @@ async def main(path: str) -> None:
         bob = int(kv.get("bob", "0") or "0")
         await kv.set_many({"alice": str(alice - 10), "bob": str(bob + 10)})
 
-        # Concurrent writers are fine: each set is durable before it is applied.
+        # Concurrent writers share fsyncs; each change is applied in log order.
         await asyncio.gather(*(kv.set(f"sensor{i}", f"{20 + i}.5C") for i in range(5)))
 
         print(f"after run {runs}:")
         for key, value in kv.items():
             print(f"  {key} = {value}")
+        covered = await kv.checkpoint_if_due()
+        if covered is not None:
+            print(f"checkpoint: the snapshot holds events 1..{covered}; the log dropped them")
     finally:
         await kv.close()
 

@@ -11,20 +11,24 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
+import random
 import re
+import signal
 import subprocess
 import sys
+import threading
 from functools import cache
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from conftest import run
 
 import walasync
 
 ROOT = Path(walasync.__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
-NAMES = ["crash_testing", "group_commit", "kv_store", "quickstart"]
+NAMES = ["crash_testing", "group_commit", "job_queue", "kv_store", "quickstart"]
 
 
 @cache
@@ -108,24 +112,124 @@ async def test_group_commit(
         assert [r.lsn async for r in wal.read()] == list(range(1, 1101))
 
 
-async def test_kv_store_rebuilds_its_state_from_the_log(
+async def test_kv_store_rebuilds_its_state_by_replay_and_checkpoints(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest
 ) -> None:
     first = await run_main("kv_store", capsys, request, tmp_path / "kv")
-    assert first.startswith("replayed 0 records: {}\n")
+    assert first.startswith("opened: no snapshot, 0 events replayed: {}\n")
     assert "  runs = 1\n" in first
     assert "  alice = 90\n  bob = 10\n" in first
-    assert "scratch" not in first
+    assert "scratch" not in first and "checkpoint" not in first
 
     second = await run_main("kv_store", capsys, request, tmp_path / "kv")
-    replayed = second.splitlines()[0]
-    assert replayed.startswith("replayed 12 records: {")
-    assert "'runs': '1'" in replayed
-    assert "'greeting': 'hello from run 1'" in replayed
+    opened = second.splitlines()[0]
+    assert opened.startswith("opened: no snapshot, 11 events replayed: {")
+    assert "'runs': '1'" in opened and "'greeting': 'hello from run 1'" in opened
     assert "  runs = 2\n" in second
     assert "  greeting = hello from run 2\n" in second
     assert "  alice = 80\n  bob = 20\n" in second
     assert "  sensor4 = 24.5C\n" in second
+    assert second.endswith("checkpoint: the snapshot holds events 1..22; the log dropped them\n")
+
+    third = await run_main("kv_store", capsys, request, tmp_path / "kv")
+    assert third.startswith("opened: snapshot at LSN 22, 0 events replayed: {'alice': '80'")
+    assert "  alice = 70\n  bob = 30\n" in third
+    async with walasync.open(tmp_path / "kv") as wal:  # the checkpoint dropped 1..22
+        assert (wal.first_lsn, wal.last_lsn) == (23, 33)
+
+
+async def test_job_queue(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest
+) -> None:
+    out = await run_main("job_queue", capsys, request, tmp_path / "jobs")
+    assert out.startswith("recovered 0 pending jobs\n3 workers did 20 jobs; 0 pending\n")
+    assert "checkpoint at LSN 40:" in out
+    async with walasync.open(tmp_path / "jobs") as wal:  # every done job's records dropped
+        assert (wal.first_lsn, wal.last_lsn) == (41, 40)
+    queue = await example("job_queue").JobQueue.open(str(tmp_path / "jobs"))
+    try:
+        assert queue.pending == {}
+        first = await queue.enqueue("a")
+        await queue.enqueue("b")
+        assert await queue.take() == (first, "a")
+    finally:
+        await queue.close()
+    queue = await example("job_queue").JobQueue.open(str(tmp_path / "jobs"))
+    try:
+        assert list(queue.pending.values()) == ["a", "b"]  # taken, not acknowledged: again
+    finally:
+        await queue.close()
+
+
+def test_job_queue_loses_no_job_to_sigkill(tmp_path: Path) -> None:
+    """Three rounds of `job_queue.py DIR --forever` (4 producers, 3 workers, a checkpoint
+    every 100 events), each SIGKILLed at a random moment: every job it said was enqueued
+    is pending or was being acknowledged; none it said was done is pending; no job that
+    was never enqueued appears."""
+    rng = random.Random()
+    enqueued: dict[str, str] = {}  # job id -> payload
+    tried: set[str] = set()  # payloads whose enqueue began
+    acking: set[str] = set()
+    done: set[str] = set()
+    for _ in range(3):
+        lines = run_and_kill(
+            [str(EXAMPLES / "job_queue.py"), str(tmp_path / "jobs"), "--forever"],
+            acks=rng.randint(1, 400),
+            prefix="done ",
+        )
+        for line in lines:
+            kind, _, rest = line.partition(" ")
+            if kind == "enqueue?":
+                tried.add(rest)
+            elif kind == "enqueued":
+                job, payload = rest.split()
+                enqueued[job] = payload
+            elif kind in ("ack?", "done"):
+                (acking if kind == "ack?" else done).add(rest)
+
+        async def pending() -> dict[str, str]:
+            queue = await example("job_queue").JobQueue.open(str(tmp_path / "jobs"))
+            try:
+                jobs: dict[str, str] = queue.pending
+                return jobs
+            finally:
+                await queue.close()
+
+        left = run("asyncio", pending())
+        assert set(enqueued) - done - acking <= set(left), "an enqueued job was lost"
+        assert not set(left) & done, "a job acknowledged as done is pending again"
+        assert set(left.values()) <= tried, "a job that was never enqueued is pending"
+        assert all(enqueued.get(job, payload) == payload for job, payload in left.items())
+    assert done, "no job was done in three rounds"
+
+
+def run_and_kill(argv: list[str], acks: int, prefix: str) -> list[str]:
+    """Run a Python program, SIGKILL it once it printed `acks` lines starting with
+    `prefix` (or after 60 s), and return every whole line it printed."""
+    path = os.environ.get("PYTHONPATH")
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{path}" if path else str(ROOT)}
+    lines: list[str] = []
+    with subprocess.Popen(
+        [sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    ) as proc:
+        killer = threading.Timer(60.0, proc.kill)
+        killer.start()
+        try:
+            assert proc.stdout is not None and proc.stderr is not None
+            seen = 0
+            for raw in proc.stdout:
+                if not raw.endswith(b"\n"):
+                    break
+                lines.append(raw.decode().rstrip("\n"))
+                seen += lines[-1].startswith(prefix)
+                if seen >= acks and proc.poll() is None:
+                    os.kill(proc.pid, signal.SIGKILL)
+            stderr = proc.stderr.read().decode()
+        finally:
+            killer.cancel()
+    assert proc.returncode == -signal.SIGKILL, f"exited {proc.returncode}: {stderr}"
+    assert not stderr, stderr
+    return lines
 
 
 async def test_crash_testing(

@@ -12,14 +12,19 @@ from ._options import Durability as Durability
 from ._options import Options as Options
 from ._reader import Record as Record
 from ._readonly import ReadOnlyWal as ReadOnlyWal
+from ._statelog import JSONSerializer as JSONSerializer
+from ._statelog import Serializer as Serializer
+from ._statelog import StateLog as StateLog
 from ._store import SegmentInfo as SegmentInfo
 from ._wal import Wal as Wal
 from ._wal import open as open
+from .errors import ApplyError as ApplyError
 from .errors import BrokenLogError as BrokenLogError
 from .errors import ClosedError as ClosedError
 from .errors import CorruptionError as CorruptionError
 from .errors import DiskFullError as DiskFullError
 from .errors import LockedError as LockedError
+from .errors import NothingToUndoError as NothingToUndoError
 from .errors import RecordTooLargeError as RecordTooLargeError
 from .errors import TruncatedError as TruncatedError
 from .errors import UnsupportedFormatError as UnsupportedFormatError
@@ -29,19 +34,24 @@ from .errors import WrongLoopError as WrongLoopError
 __version__ = "0.1.0"
 
 __all__ = (
+    "ApplyError",
     "BrokenLogError",
     "ClosedError",
     "CorruptionError",
     "DiskFullError",
     "Durability",
     "FileIO",
+    "JSONSerializer",
     "LockedError",
+    "NothingToUndoError",
     "Opener",
     "Options",
     "ReadOnlyWal",
     "Record",
     "RecordTooLargeError",
     "SegmentInfo",
+    "Serializer",
+    "StateLog",
     "TruncatedError",
     "UnsupportedFormatError",
     "Wal",
@@ -53,11 +63,14 @@ __all__ = (
 for _name in (
     "Durability",
     "FileIO",
+    "JSONSerializer",
     "Opener",
     "Options",
     "ReadOnlyWal",
     "Record",
     "SegmentInfo",
+    "Serializer",
+    "StateLog",
     "Wal",
 ):
     globals()[_name].__module__ = "walasync"

@@ -15,7 +15,7 @@ import fcntl
 import os
 from collections.abc import Sequence
 
-__all__ = ("FileIO",)
+__all__ = ("FileIO", "read_file", "replace_file")
 
 _ZEROS = bytes(1 << 20)
 _RWF_DSYNC: int | None = getattr(os, "RWF_DSYNC", None)
@@ -196,3 +196,33 @@ class FileIO:
     def lock(self, fd: int) -> None:
         """Take an exclusive, non-blocking advisory lock (BlockingIOError if held)."""
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def replace_file(io: FileIO, directory: str, name: str, buffers: Sequence[bytes]) -> None:
+    """Replace `directory/name` with the bytes of `buffers`, atomically and durably: they
+    are written whole to `name.tmp` and fdatasync'd, renamed over `name`, then the
+    directory is fsynced. A crash at any point leaves the old file or the new one, never a
+    mix; a `name.tmp` left behind is overwritten by the next call. Every step goes through
+    `io` (so `SimulatedDisk` can crash each)."""
+    tmp = os.path.join(directory, name + ".tmp")
+    fd = io.open(tmp, create=True)
+    try:
+        io.truncate(fd, 0)
+        io.pwritev(fd, buffers, 0)
+        io.fdatasync(fd)
+    finally:
+        io.close(fd)
+    io.rename(tmp, os.path.join(directory, name))
+    io.fsync_dir(directory)
+
+
+def read_file(io: FileIO, path: str) -> bytes | None:
+    """The whole of the file at `path`, or None if there is none."""
+    try:
+        fd = io.open_read(path)
+    except FileNotFoundError:
+        return None
+    try:
+        return io.pread(fd, io.size(fd), 0)
+    finally:
+        io.close(fd)

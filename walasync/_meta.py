@@ -33,12 +33,12 @@ from dataclasses import dataclass, replace
 
 from crc32c import crc32c
 
-from ._io import FileIO
+from ._io import FileIO, read_file, replace_file
 
 __all__ = ("META_NAME", "TMP_NAME", "Meta", "MetaError", "read_meta", "write_meta")
 
 META_NAME = "META"
-TMP_NAME = "META.tmp"
+TMP_NAME = META_NAME + ".tmp"  # what `replace_file` writes first
 _MAGIC = b"WALAMETA"
 _VERSION = 1
 _HEAD = struct.Struct("<8sHHI16sQQQQI")
@@ -104,27 +104,12 @@ def read_meta(io: FileIO, directory: str) -> Meta | None:
     Raises:
         MetaError: it is damaged.
     """
-    path = os.path.join(directory, META_NAME)
-    try:
-        fd = io.open_read(path)
-    except FileNotFoundError:
+    data = read_file(io, os.path.join(directory, META_NAME))
+    if data is None:
         return None
-    try:
-        data = io.pread(fd, max(io.size(fd), SIZE), 0)
-    finally:
-        io.close(fd)
     return Meta.decode(data)
 
 
 def write_meta(io: FileIO, directory: str, meta: Meta) -> None:
     """Replace META with `meta`, atomically and durably."""
-    tmp = os.path.join(directory, TMP_NAME)
-    fd = io.open(tmp, create=True)
-    try:
-        io.truncate(fd, 0)
-        io.pwritev(fd, [meta.encode()], 0)
-        io.fdatasync(fd)
-    finally:
-        io.close(fd)
-    io.rename(tmp, os.path.join(directory, META_NAME))
-    io.fsync_dir(directory)
+    replace_file(io, directory, META_NAME, [meta.encode()])

@@ -124,6 +124,12 @@ class Wal:
         return self._store.path
 
     @property
+    def log_id(self) -> bytes:
+        """16 random bytes chosen when the log was created and never changed: what a
+        snapshot or copy made from this log records, to tell later that it belongs to it."""
+        return self._store.meta.log_id
+
+    @property
     def first_lsn(self) -> int:
         """The oldest LSN that can be read: where the log started (1 by default), or the
         LSN passed to the last `truncate_front`. Above `last_lsn` when the log is empty."""

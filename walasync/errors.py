@@ -5,11 +5,13 @@ from __future__ import annotations
 import errno
 
 __all__ = (
+    "ApplyError",
     "BrokenLogError",
     "ClosedError",
     "CorruptionError",
     "DiskFullError",
     "LockedError",
+    "NothingToUndoError",
     "RecordTooLargeError",
     "TruncatedError",
     "UnsupportedFormatError",
@@ -78,6 +80,31 @@ class CorruptionError(WalError):
 class TruncatedError(WalError):
     """A read asked for records below `first_lsn`: `truncate_front` (or retention) removed
     them, before the read began or while it ran."""
+
+
+class ApplyError(WalError):
+    """`StateLog.apply`: the event is durable in the log, but the apply function raised
+    (the function's exception is the cause).
+
+    The event stays in the log at `lsn` and counts as applied: the state is whatever the
+    function left (the object it was given, changed in place or not), and replay after a
+    reopen does the same. `undo()` removes the event if it is still the last one.
+
+    Attributes:
+        lsn: the event's LSN.
+    """
+
+    def __init__(self, lsn: int, message: str) -> None:
+        super().__init__(message)
+        self.lsn = lsn
+
+    def __reduce__(self) -> tuple[type[ApplyError], tuple[int, str]]:
+        return (type(self), (self.lsn, str(self)))
+
+
+class NothingToUndoError(WalError):
+    """`StateLog.undo` found no event after the latest snapshot: every applied event is
+    folded into it (a checkpoint covers it), or none was applied."""
 
 
 class UnsupportedFormatError(CorruptionError):
