@@ -150,7 +150,7 @@ async def test_a_follower_at_the_end_of_an_idle_log_gets_the_next_append(log_dir
         assert not nxt.done()
         assert await wal.append(b"new") == 4
         assert await nxt == Record(4, b"new")
-        await it.aclose()  # type: ignore[attr-defined]
+        await it.aclose()
 
 
 async def test_a_follower_never_passes_synced_lsn_in_interval_mode(log_dir: Path) -> None:

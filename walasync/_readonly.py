@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from types import TracebackType
 
 from ._io import FileIO
@@ -78,7 +78,7 @@ class ReadOnlyWal:
 
     def read(
         self, start: int | None = None, end: int | None = None, *, follow: bool = False
-    ) -> AsyncIterator[Record]:
+    ) -> AsyncGenerator[Record, None]:
         """Iterate over records from `start` (default: `first_lsn`) to `end`.
 
         Without `follow`, up to `last_lsn` after a fresh look at the files. With `follow`,
@@ -97,7 +97,7 @@ class ReadOnlyWal:
 
     async def _read(
         self, start: int | None, end: int | None, follow: bool
-    ) -> AsyncIterator[Record]:
+    ) -> AsyncGenerator[Record, None]:
         await self.refresh()
         lsn = self.first_lsn if start is None else start
         if lsn < self.first_lsn:

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any, Literal, overload
 
@@ -182,7 +182,7 @@ class Wal:
 
     def read(
         self, start: int | None = None, end: int | None = None, *, follow: bool = False
-    ) -> AsyncIterator[Record]:
+    ) -> AsyncGenerator[Record, None]:
         """Iterate over records with LSNs from `start` (default: the first) to `end`.
 
         `end` defaults to, and is capped at, `last_lsn` at the time of this call: the
