@@ -10,6 +10,7 @@ from ._io import FileIO as FileIO
 from ._opener import Opener as Opener
 from ._options import Durability as Durability
 from ._options import Options as Options
+from ._reader import Batch as Batch
 from ._reader import Record as Record
 from ._readonly import ReadOnlyWal as ReadOnlyWal
 from ._store import SegmentInfo as SegmentInfo
@@ -29,6 +30,7 @@ from .errors import WrongLoopError as WrongLoopError
 __version__ = "0.1.0"
 
 __all__ = (
+    "Batch",
     "BrokenLogError",
     "ClosedError",
     "CorruptionError",
@@ -51,6 +53,7 @@ __all__ = (
 )
 
 for _name in (
+    "Batch",
     "Durability",
     "FileIO",
     "Opener",

@@ -24,7 +24,15 @@ from . import _segment as seg
 from ._store import Store
 from .errors import CorruptionError, TruncatedError, WalError, map_os_error
 
-__all__ = ("Record", "Watermark", "follow_records", "read_records")
+__all__ = (
+    "Batch",
+    "Record",
+    "Watermark",
+    "follow_batches",
+    "follow_records",
+    "read_batches",
+    "read_records",
+)
 
 CHUNK = 1 << 20
 FIRST_CHUNK = 64 << 10  # the first read after a seek: the first record comes sooner
@@ -36,6 +44,20 @@ class Record(NamedTuple):
 
     lsn: int
     data: bytes
+
+
+class Batch(NamedTuple):
+    """Records read back together (`Wal.read_batches`): whole `append_many` units, except
+    that the read's `start` or `end` may fall inside one.
+
+    `joined` lists the positions `i` in `records` whose unit goes on with the next record
+    (past the last one when `end` cut the unit); every other position ends a unit. Empty
+    when every record is a unit of its own (plain `append`s), or when not asked for.
+    """
+
+    lsn: int  # of records[0]
+    records: list[bytes]
+    joined: tuple[int, ...] = ()
 
 
 class Watermark(Protocol):
@@ -109,18 +131,25 @@ async def read_records(
         WalError: a read failed (the OSError is its cause).
     """
     async with contextlib.aclosing(_batches(store, segments, start, stop)) as batches:
-        async for lsn, records in batches:
+        async for lsn, records, _ in batches:
             for data in records:
                 yield Record(lsn, data)
                 lsn += 1
 
 
-async def _batches(
+def read_batches(
     store: Store, segments: tuple[int, ...], start: int, stop: int
-) -> AsyncGenerator[tuple[int, list[bytes]], None]:
-    """Yield (LSN of the first, records) for the records with LSNs in [start, stop] from
-    `segments`, a batch (or the part of one in that range) at a time: the callers yield
-    each record themselves, one generator deep.
+) -> AsyncGenerator[Batch, None]:
+    """As `read_records`, a batch at a time, saying where units end."""
+    return _batches(store, segments, start, stop, units=True)
+
+
+async def _batches(
+    store: Store, segments: tuple[int, ...], start: int, stop: int, units: bool = False
+) -> AsyncGenerator[Batch, None]:
+    """Yield the records with LSNs in [start, stop] from `segments`, a batch (or the part
+    of one in that range) at a time: the callers yield each record themselves, one
+    generator deep. With `units`, each `Batch` says where its units end.
 
     Raises:
         CorruptionError: a batch up to `stop` is invalid, or the LSNs have a gap.
@@ -203,7 +232,15 @@ async def _batches(
                     last = min(stop, head.first_lsn + head.nrecords - 1, cut - 1)
                     records = records[: last - lsn + 1]
                     if records:
-                        yield lsn, records
+                        joined: tuple[int, ...] = ()
+                        if units:
+                            skip, n = max(skip, 0), len(records)
+                            joined = tuple(
+                                i - skip
+                                for i in fmt.joined_records(head, payload)
+                                if skip <= i < skip + n
+                            )
+                        yield Batch(lsn, records, joined)
                     start = lsn + len(records)
                 if scan.end is not None:
                     break
@@ -230,9 +267,21 @@ async def _batches(
 async def follow_records(
     store: Store, watermark: Watermark, start: int, stop: int
 ) -> AsyncGenerator[Record, None]:
+    """Yield the records with LSNs in [start, stop] as they become durable (see
+    `follow_batches`), one at a time."""
+    async with contextlib.aclosing(follow_batches(store, watermark, start, stop)) as batches:
+        async for lsn, records, _ in batches:
+            for data in records:
+                yield Record(lsn, data)
+                lsn += 1
+
+
+async def follow_batches(
+    store: Store, watermark: Watermark, start: int, stop: int, units: bool = False
+) -> AsyncGenerator[Batch, None]:
     """Yield the records with LSNs in [start, stop] as they become durable (up to
-    `watermark.synced_lsn`), waiting for more between passes; end once the log is closed
-    and every record up to its last watermark was yielded.
+    `watermark.synced_lsn`), a batch at a time, waiting for more between passes; end once
+    the log is closed and every record up to its last watermark was yielded.
 
     Raises:
         BrokenLogError: the log failed (raised once every durable record was yielded).
@@ -252,12 +301,13 @@ async def follow_records(
             # The watermark first: every segment with a record up to it is in the snapshot.
             segments = store.snapshot()
             try:
-                async with contextlib.aclosing(_batches(store, segments, start, upto)) as batches:
-                    async for lsn, records in batches:
-                        for data in records:
-                            yield Record(lsn, data)
-                            lsn += 1
-                            start = lsn
+                async with contextlib.aclosing(
+                    _batches(store, segments, start, upto, units)
+                ) as batches:
+                    async for batch in batches:
+                        yield batch
+                        # The caller asks for the next batch once it is done with this one.
+                        start = batch.lsn + len(batch.records)
             except TruncatedError:
                 # A cut at or after what this follower gave is no loss to it: the records
                 # that follow the cut come in the next pass.
