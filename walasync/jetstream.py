@@ -254,15 +254,21 @@ class _Connection:
             _log.debug("NATS: %r", exc)
 
         options.setdefault("error_cb", quiet)
+        nc = NATS()
         try:
-            self.nc = await nats.connect(self._servers, **options)
-        except nats.errors.AuthorizationError as exc:
-            raise AuthError(f"NATS refused the credentials: {exc}") from exc
-        except (OSError, asyncio.TimeoutError, nats.errors.Error) as exc:
-            if "authorization" in str(exc).lower():
+            await nc.connect(self._servers, **options)
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                await nc.close()  # a failed connect may leave its socket open
+            if isinstance(exc, nats.errors.AuthorizationError) or (
+                isinstance(exc, nats.errors.Error) and "authorization" in str(exc).lower()
+            ):
                 raise AuthError(f"NATS refused the credentials: {exc}") from exc
-            raise ConnectError(f"no NATS server reachable at {self._servers}: {exc!r}") from exc
-        return self.nc
+            if isinstance(exc, (OSError, asyncio.TimeoutError, nats.errors.Error)):
+                raise ConnectError(f"no NATS server reachable at {self._servers}: {exc!r}") from exc
+            raise
+        self.nc = nc
+        return nc
 
     async def close(self) -> None:
         if self._given is None and self.nc is not None:
@@ -623,9 +629,13 @@ class Replicator:
             )
             try:
                 info = await js.add_stream(config)
-            except nats.js.errors.BadRequestError as exc:  # created meanwhile, or refused
-                _log.debug("creating stream %s: %r", self.stream, exc)
-                info = await _stream_info(js, self.stream)
+            except nats.js.errors.APIError as exc:  # created meanwhile, or refused
+                try:
+                    info = await _stream_info(js, self.stream)
+                except StreamNotFoundError:
+                    raise StreamConfigError(
+                        f"stream {self.stream!r} could not be created: {exc.description}"
+                    ) from exc
         self._check_config(info.config)
         return info
 
