@@ -8,6 +8,9 @@ repetition in its own process on a fresh log and a fresh R3 stream:
 * ``local``: 256 appenders of 100 B, no replication: local appends/s;
 * ``ship``: the same with a ``Replicator`` running: local appends/s, and records/s the
   stream acknowledged in the window (shipped);
+* ``backlog``: 200,000 records of 100 B appended first (``append_many`` of 1,000), then a
+  ``Replicator`` started: records/s from its start until the stream acknowledged them all
+  (shipping alone, not bounded by the local append rate);
 * ``replicated``: 256 appenders each awaiting ``Replicator.append`` (local fdatasync and the
   stream's acknowledgement) before the next: acknowledged records/s;
 * ``follower``: appends paced at ``--rate`` records/s (default 50k), a ``Replicator`` and a
@@ -15,11 +18,11 @@ repetition in its own process on a fresh log and a fresh R3 stream:
   the moment ``append`` returned to the moment the follower's log held that record durably
   (every 16th LSN).
 
-The table shows medians over the repetitions (range of the main figure). Default: 3
-repetitions of 3 s windows, about two minutes::
+The table shows medians over the repetitions (and their range). Default: 3 repetitions
+of 3 s windows, about two minutes::
 
     python benchmarks/bench_replication.py [--duration 3] [--reps 3] [--rate 50000]
-        [--modes local,ship,replicated,follower] [--dir DIR]
+        [--modes local,ship,backlog,replicated,follower] [--dir DIR]
 """
 
 from __future__ import annotations
@@ -72,6 +75,13 @@ async def repetition(
     appended_at: dict[int, float] = {}
     lags: list[float] = []
     async with walasync.open(os.path.join(path, "src"), max_record_size=1 << 20) as wal:
+        if mode == "backlog":
+            for _ in range(200):
+                await wal.append_many([RECORD] * 1000)
+            t0 = now()
+            async with wj.Replicator(wal, urls, stream=stream, create=True, replicas=3) as r:
+                await r.flush()
+                return {"shipped": wal.last_lsn / (now() - t0), "messages": r.sent_messages}
         rep = None
         if mode != "local":
             rep = wj.Replicator(wal, urls, stream=stream, create=True, replicas=3)
@@ -144,7 +154,7 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=3.0)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--rate", type=float, default=50_000)
-    p.add_argument("--modes", default="local,ship,replicated,follower")
+    p.add_argument("--modes", default="local,ship,backlog,replicated,follower")
     p.add_argument("--dir", default=None)
     p.add_argument(
         "--one", nargs=4, metavar=("MODE", "PATH", "STREAM", "URLS"), help=argparse.SUPPRESS

@@ -284,6 +284,28 @@ def test_duplicate_window_drops_a_retried_message(single: Cluster, tmp_path: Pat
     run("asyncio", main())
 
 
+def test_a_foreign_publisher_stops_the_replicator(single: Cluster, tmp_path: Path) -> None:
+    """A message someone else published into the stream is never followed by the log's:
+    each message must follow the one the replicator last saw, so the next publish is
+    refused and the replicator stops with `StreamContentError` instead of interleaving."""
+    stream = stream_name()
+
+    async def main() -> None:
+        async with walasync.open(tmp_path / "log", max_record_size=1 << 20) as wal:
+            kw: dict[str, Any] = {"stream": stream, "create": True, "replicas": 1}
+            async with wj.Replicator(wal, single.urls, **kw) as rep:
+                await rep.append(b"first")
+                nc = await nats.connect(single.urls)
+                await nc.jetstream().publish(rep.subject, b"intruder")
+                await nc.close()
+                with pytest.raises(wj.StreamContentError, match="not a walasync"):
+                    await asyncio.wait_for(rep.append(b"second"), 30)
+                assert isinstance(rep.failure, wj.StreamContentError)
+            assert await wal.append(b"local appends go on") == 3
+
+    run("asyncio", main())
+
+
 def test_follower_as_hot_standby(cluster: Cluster, tmp_path: Path) -> None:
     """A `Follower` applies new messages as they are stored, with the source's LSNs."""
     stream = stream_name()
