@@ -171,7 +171,7 @@ def test_ship_and_restore_100k_mixed_sizes(cluster: Cluster, tmp_path: Path) -> 
                     i += k
                 await asyncio.gather(*(wal.append_many(u) for u in units if u))
             async with wj.Replicator(
-                wal, cluster.urls, stream=stream, create=True, pack_bytes=64 << 10
+                wal, cluster.urls, stream=stream, create=True, pack_bytes=16 << 10
             ) as rep:
                 await asyncio.wait_for(rep.flush(), 60)
                 # A replica of the first half, brought up to date below.
@@ -179,27 +179,27 @@ def test_ship_and_restore_100k_mixed_sizes(cluster: Cluster, tmp_path: Path) -> 
                 for j in range(i, len(records), 500):
                     await asyncio.gather(*(wal.append(r) for r in records[j : j + 500]))
                 await asyncio.wait_for(rep.flush(), 60)
-                assert rep.sent_messages < wal.last_lsn // 20  # packed
             local = [rec async for rec in wal.read()]
             assert [rec.data for rec in local] == records
             await wj.restore(cluster.urls, stream, tmp_path / "replica")
             async with walasync.open(tmp_path / "replica", max_record_size=8 << 20) as replica:
                 assert [rec async for rec in replica.read()] == local
-            # Units stay whole: every message ends where a unit of the source ends.
-            ends: set[int] = set()
-            async for batch in wal.read_batches():
-                ends.update(
-                    batch.lsn + i for i in range(len(batch.records)) if i not in batch.joined
-                )
-            nc = await nats.connect(cluster.urls)
-            try:
-                js = nc.jetstream()
-                info = await js.stream_info(stream)
-                for seq in range(info.state.first_seq, info.state.last_seq + 1, 97):
-                    raw = await js.get_msg(stream, seq)
-                    assert wj.decode_message(raw.headers, raw.data).last_lsn in ends
-            finally:
-                await nc.close()
+
+            # Units stay whole: each message (a unit of the replica) ends where a unit of
+            # the source ends.
+            async def unit_ends(log: walasync.Wal) -> set[int]:
+                ends: set[int] = set()
+                async for batch in log.read_batches():
+                    ends.update(
+                        batch.lsn + k for k in range(len(batch.records)) if k not in batch.joined
+                    )
+                return ends
+
+            async with walasync.open(tmp_path / "replica", max_record_size=8 << 20) as replica:
+                replica_ends = await unit_ends(replica)
+            source_ends = await unit_ends(wal)
+            assert replica_ends <= source_ends
+            assert len(replica_ends) < len(source_ends) // 20  # packed
 
     run("uvloop", main())
 
@@ -268,6 +268,12 @@ def test_duplicate_window_drops_a_retried_message(single: Cluster, tmp_path: Pat
             js = nc.jetstream()
             last = await js.get_last_msg(stream, rep.subject)
             assert last.headers is not None
+            msg = wj.decode_message(last.headers, last.data)
+            # Derived from the log and the range alone: a resend, by this process or by the
+            # next one after a crash, carries the same id.
+            assert last.headers["Nats-Msg-Id"] == (
+                f"walasync:{wal.log_id.hex()}:{msg.lsn}-{msg.last_lsn}"
+            )
             again = {
                 k: v for k, v in last.headers.items() if k.startswith(("Walasync", "Nats-Msg"))
             }

@@ -849,15 +849,16 @@ class Replicator:
         self._advance(out.last)
 
     def _next_message(self, buf: deque[tuple[Batch, int]], state: dict[str, int]) -> _Outgoing:
-        """Pack whole units from the front of `buf` into one message of up to `pack_bytes`
-        (a larger unit goes alone, if it fits under max_payload)."""
+        """Pack whole units from the front of `buf` into one message of up to `pack_bytes`,
+        splitting a batch between units where needed (a larger unit goes alone, if it fits
+        under max_payload)."""
         records: list[bytes] = []
         joined: list[int] = []
         first = buf[0][0].lsn
         size = fmt.BATCH_HEADER + 8
         while buf:
             batch, bsize = buf[0]
-            if size + bsize <= self._pack or (not records and size + bsize <= self._limit):
+            if size + bsize <= self._pack:
                 buf.popleft()
                 state["bytes"] -= bsize
                 joined.extend(i + len(records) for i in batch.joined)
@@ -881,6 +882,12 @@ class Replicator:
                     f"the unit at LSN {batch.lsn} does not fit in one message "
                     f"(max_payload allows {self._limit} bytes)"
                 )
+            if take == len(batch.records):  # one unit, larger than pack_bytes: alone
+                buf.popleft()
+                state["bytes"] -= bsize
+                joined.extend(i + len(records) for i in batch.joined)
+                records.extend(batch.records)
+                break
             buf[0] = (
                 Batch(
                     batch.lsn + take,
