@@ -10,6 +10,7 @@ from ._io import FileIO as FileIO
 from ._opener import Opener as Opener
 from ._options import Durability as Durability
 from ._options import Options as Options
+from ._reader import Batch as Batch
 from ._reader import Record as Record
 from ._readonly import ReadOnlyWal as ReadOnlyWal
 from ._statelog import JSONSerializer as JSONSerializer
@@ -35,6 +36,7 @@ __version__ = "0.1.0"
 
 __all__ = (
     "ApplyError",
+    "Batch",
     "BrokenLogError",
     "ClosedError",
     "CorruptionError",
@@ -61,6 +63,7 @@ __all__ = (
 )
 
 for _name in (
+    "Batch",
     "Durability",
     "FileIO",
     "JSONSerializer",

@@ -24,7 +24,15 @@ from . import _segment as seg
 from ._store import Store
 from .errors import CorruptionError, TruncatedError, WalError, map_os_error
 
-__all__ = ("Record", "Watermark", "follow_records", "read_records")
+__all__ = (
+    "Batch",
+    "Record",
+    "Watermark",
+    "follow_batches",
+    "follow_records",
+    "read_batches",
+    "read_records",
+)
 
 CHUNK = 1 << 20
 FIRST_CHUNK = 64 << 10  # the first read after a seek: the first record comes sooner
@@ -37,6 +45,20 @@ class Record(NamedTuple):
 
     lsn: int
     data: bytes
+
+
+class Batch(NamedTuple):
+    """Records read back together (`Wal.read_batches`): whole `append_many` units, except
+    that the read's `start` or `end` may fall inside one.
+
+    `joined` lists the positions `i` in `records` whose unit goes on with the next record
+    (past the last one when `end` cut the unit); every other position ends a unit. Empty
+    when every record is a unit of its own (plain `append`s), or when not asked for.
+    """
+
+    lsn: int  # of records[0]
+    records: list[bytes]
+    joined: tuple[int, ...] = ()
 
 
 class Watermark(Protocol):
@@ -79,7 +101,7 @@ def _open_scan(store: Store, first_lsn: int, start: int) -> seg.Scan:
     fd = io.open_read(path)
     try:
         salt = seg.read_header(io, fd, path, first_lsn)
-        scan = seg.Scan(io, fd, path, salt, fmt.SEGMENT_HEADER, first_lsn, store.max_record_size)
+        scan = seg.Scan(io, fd, path, salt, fmt.SEGMENT_HEADER, first_lsn)
         if start > first_lsn:
             index = store.indexes.get(first_lsn)
             if index is None:
@@ -109,10 +131,9 @@ async def read_records(
         CorruptionError: a batch up to `stop` is invalid, or the LSNs have a gap.
         WalError: a read failed (the OSError is its cause).
     """
-    ncuts = len(store.cuts)
     async with contextlib.aclosing(_batches(store, segments, start, stop)) as batches:
-        async for lsn, records in batches:
-            meta, removed = store.meta, _NONE_REMOVED
+        async for lsn, records, _ in batches:
+            meta, ncuts, removed = store.meta, len(store.cuts), _NONE_REMOVED
             for data in records:
                 if store.meta is not meta:  # a truncation committed while we yielded
                     meta, removed = store.meta, _removed_from(store, lsn, ncuts)
@@ -123,11 +144,12 @@ async def read_records(
 
 
 def _removed_from(store: Store, lsn: int, ncuts: int) -> int:
-    """The first LSN, `lsn` or after, that truncations removed since the read began (a
+    """The first LSN, `lsn` or after, that truncations removed since a batch was read (a
     huge number if none): checked, for records decoded already, once a truncation
     committed (the store's META changed), so a batch read before it never hands out a
     removed record. Raises `TruncatedError` if truncate_front removed `lsn`; the
-    truncate_back calls before the read (the first `ncuts`) are accounted for already."""
+    truncate_back calls before the batch was read (the first `ncuts`) are accounted for
+    already (the batch stops before their cuts)."""
     first = store.meta.first_lsn
     if lsn < first:
         raise TruncatedError(
@@ -140,12 +162,19 @@ def _cut_error(cut: int) -> TruncatedError:
     return TruncatedError(f"records from {cut} on were truncated while this read ran")
 
 
-async def _batches(
+def read_batches(
     store: Store, segments: tuple[int, ...], start: int, stop: int
-) -> AsyncGenerator[tuple[int, list[bytes]], None]:
-    """Yield (LSN of the first, records) for the records with LSNs in [start, stop] from
-    `segments`, a batch (or the part of one in that range) at a time: the callers yield
-    each record themselves, one generator deep.
+) -> AsyncGenerator[Batch, None]:
+    """As `read_records`, a batch at a time, saying where units end."""
+    return _batches(store, segments, start, stop, units=True)
+
+
+async def _batches(
+    store: Store, segments: tuple[int, ...], start: int, stop: int, units: bool = False
+) -> AsyncGenerator[Batch, None]:
+    """Yield the records with LSNs in [start, stop] from `segments`, a batch (or the part
+    of one in that range) at a time: the callers yield each record themselves, one
+    generator deep. With `units`, each `Batch` says where its units end.
 
     Raises:
         CorruptionError: a batch up to `stop` is invalid, or the LSNs have a gap.
@@ -228,7 +257,15 @@ async def _batches(
                     last = min(stop, head.first_lsn + head.nrecords - 1, cut - 1)
                     records = records[: last - lsn + 1]
                     if records:
-                        yield lsn, records
+                        joined: tuple[int, ...] = ()
+                        if units:
+                            skip, n = max(skip, 0), len(records)
+                            joined = tuple(
+                                i - skip
+                                for i in fmt.joined_records(head, payload)
+                                if skip <= i < skip + n
+                            )
+                        yield Batch(lsn, records, joined)
                     start = lsn + len(records)
                 if scan.end is not None:
                     break
@@ -255,9 +292,41 @@ async def _batches(
 async def follow_records(
     store: Store, watermark: Watermark, start: int, stop: int
 ) -> AsyncGenerator[Record, None]:
+    """Yield the records with LSNs in [start, stop] as they become durable (see
+    `follow_batches`), one at a time.
+
+    A truncation that commits while a batch is being given out stops it: truncate_front
+    past the next record, or a truncate_back below it, raises `TruncatedError`; a cut
+    right at the next record removed nothing given, and following goes on from there."""
+    while True:
+        async with contextlib.aclosing(follow_batches(store, watermark, start, stop)) as batches:
+            async for lsn, records, _ in batches:
+                meta, ncuts, removed = store.meta, len(store.cuts), _NONE_REMOVED
+                for data in records:
+                    if store.meta is not meta:
+                        meta, removed = store.meta, _removed_from(store, lsn, ncuts)
+                    if lsn >= removed:
+                        break
+                    yield Record(lsn, data)
+                    lsn += 1
+                if lsn >= removed:
+                    break
+            else:
+                return
+        if removed < lsn:
+            raise TruncatedError(
+                f"records from {removed} on, some of them already yielded, were removed by "
+                "truncate_back"
+            )
+        start = lsn  # the records after the cut come from the next pass
+
+
+async def follow_batches(
+    store: Store, watermark: Watermark, start: int, stop: int, units: bool = False
+) -> AsyncGenerator[Batch, None]:
     """Yield the records with LSNs in [start, stop] as they become durable (up to
-    `watermark.synced_lsn`), waiting for more between passes; end once the log is closed
-    and every record up to its last watermark was yielded.
+    `watermark.synced_lsn`), a batch at a time, waiting for more between passes; end once
+    the log is closed and every record up to its last watermark was yielded.
 
     Raises:
         BrokenLogError: the log failed (raised once every durable record was yielded).
@@ -277,17 +346,13 @@ async def follow_records(
             # The watermark first: every segment with a record up to it is in the snapshot.
             segments = store.snapshot()
             try:
-                async with contextlib.aclosing(_batches(store, segments, start, upto)) as batches:
-                    async for lsn, records in batches:
-                        meta, removed = store.meta, _NONE_REMOVED
-                        for data in records:
-                            if store.meta is not meta:
-                                meta, removed = store.meta, _removed_from(store, lsn, seen)
-                            if lsn >= removed:
-                                raise _cut_error(removed)
-                            yield Record(lsn, data)
-                            lsn += 1
-                            start = lsn
+                async with contextlib.aclosing(
+                    _batches(store, segments, start, upto, units)
+                ) as batches:
+                    async for batch in batches:
+                        yield batch
+                        # The caller asks for the next batch once it is done with this one.
+                        start = batch.lsn + len(batch.records)
             except TruncatedError:
                 # A cut at or after what this follower gave is no loss to it: the records
                 # that follow the cut come in the next pass.

