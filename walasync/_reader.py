@@ -101,7 +101,7 @@ def _open_scan(store: Store, first_lsn: int, start: int) -> seg.Scan:
     fd = io.open_read(path)
     try:
         salt = seg.read_header(io, fd, path, first_lsn)
-        scan = seg.Scan(io, fd, path, salt, fmt.SEGMENT_HEADER, first_lsn)
+        scan = seg.Scan(io, fd, path, salt, fmt.SEGMENT_HEADER, first_lsn, store.max_record_size)
         if start > first_lsn:
             index = store.indexes.get(first_lsn)
             if index is None:

@@ -231,7 +231,7 @@ class Wal:
 
     def read_batches(
         self, start: int | None = None, end: int | None = None, *, follow: bool = False
-    ) -> AsyncIterator[Batch]:
+    ) -> AsyncGenerator[Batch, None]:
         """As `read`, but a `Batch` of records at a time (the records of one group commit,
         or the part of them from `start` to `end`), with the positions where their
         `append_many` units go on (`Batch.joined`): for a consumer that ships or copies
