@@ -6,13 +6,21 @@ async with walasync.open("data/orders.wal") as wal:
         ...
 """
 
+from ._inspect import LogInfo as LogInfo
+from ._inspect import SegmentState as SegmentState
+from ._inspect import describe as describe
 from ._io import FileIO as FileIO
 from ._opener import Opener as Opener
 from ._options import Durability as Durability
 from ._options import Options as Options
 from ._reader import Record as Record
 from ._readonly import ReadOnlyWal as ReadOnlyWal
+from ._repair import RepairReport as RepairReport
+from ._repair import repair as repair
 from ._store import SegmentInfo as SegmentInfo
+from ._verify import Problem as Problem
+from ._verify import VerifyReport as VerifyReport
+from ._verify import verify as verify
 from ._wal import Wal as Wal
 from ._wal import open as open
 from .errors import BrokenLogError as BrokenLogError
@@ -20,6 +28,7 @@ from .errors import ClosedError as ClosedError
 from .errors import CorruptionError as CorruptionError
 from .errors import DiskFullError as DiskFullError
 from .errors import LockedError as LockedError
+from .errors import NotALogError as NotALogError
 from .errors import RecordTooLargeError as RecordTooLargeError
 from .errors import TruncatedError as TruncatedError
 from .errors import UnsupportedFormatError as UnsupportedFormatError
@@ -36,29 +45,46 @@ __all__ = (
     "Durability",
     "FileIO",
     "LockedError",
+    "LogInfo",
+    "NotALogError",
     "Opener",
     "Options",
+    "Problem",
     "ReadOnlyWal",
     "Record",
     "RecordTooLargeError",
+    "RepairReport",
     "SegmentInfo",
+    "SegmentState",
     "TruncatedError",
     "UnsupportedFormatError",
+    "VerifyReport",
     "Wal",
     "WalError",
     "WrongLoopError",
+    "describe",
     "open",
+    "repair",
+    "verify",
 )
 
 for _name in (
     "Durability",
     "FileIO",
+    "LogInfo",
     "Opener",
     "Options",
+    "Problem",
     "ReadOnlyWal",
     "Record",
+    "RepairReport",
     "SegmentInfo",
+    "SegmentState",
+    "VerifyReport",
     "Wal",
+    "describe",
+    "repair",
+    "verify",
 ):
     globals()[_name].__module__ = "walasync"
 del _name
