@@ -96,11 +96,13 @@ def _errors(command: str, directory: str) -> Iterator[None]:
 
 
 def _size(n: int) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:,} bytes" if unit == "bytes" else f"{n:,.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    raise AssertionError  # pragma: no cover
+    if n < 1024:
+        return f"{n:,} bytes"
+    size, units = n / 1024, ["KiB", "MiB", "GiB", "TiB"]
+    while size >= 1024 and len(units) > 1:
+        size /= 1024
+        units.pop(0)
+    return f"{size:,.1f} {units[0]}"
 
 
 def _json(obj: Any) -> None:
@@ -132,12 +134,12 @@ def info(directory: str, as_json: bool) -> None:
     """
     with _errors("info", directory):
         log = walasync.describe(directory)
-    if as_json:
-        data = dataclasses.asdict(log)
-        data["records"] = log.records
-        _json(data)
-        return
-    _print_info(log)
+        if as_json:
+            data = dataclasses.asdict(log)
+            data["records"] = log.records
+            _json(data)
+        else:
+            _print_info(log)
 
 
 def _print_info(log: walasync.LogInfo) -> None:
@@ -243,13 +245,20 @@ def verify(directory: str, as_json: bool, progress: bool | None) -> None:
     never changes a file, and works while a writer runs. A torn tail (a last batch never
     acknowledged, which open cuts) is not a problem.
     """
-    with _errors("verify", directory), _progress(progress) as bar:
-        report = walasync.verify(directory, progress=bar)
+    with _errors("verify", directory):
+        with _progress(progress) as bar:
+            report = walasync.verify(directory, progress=bar)
+        _print_verdict(report, as_json)
+    sys.exit(EXIT["ok"] if report.ok else EXIT["problem"])
+
+
+def _print_verdict(report: walasync.VerifyReport, as_json: bool) -> None:
     if as_json:
         data = dataclasses.asdict(report)
         data["ok"] = report.ok
         _json(data)
-    elif report.problem is None:
+        return
+    if report.problem is None:
         click.echo(
             f"ok: {report.segments} segments, {report.records:,} records (LSN "
             f"{report.first_lsn} to {report.last_lsn}), {report.bytes:,} bytes checked"
@@ -260,10 +269,8 @@ def verify(directory: str, as_json: bool, progress: bool | None) -> None:
             f"records {report.first_lsn} to {report.last_lsn} read back; from LSN "
             f"{report.problem.lsn} on they do not. `walasync repair` cuts the log there."
         )
-    if not as_json:
-        for note in report.notes:
-            click.echo(f"note: {note}")
-    sys.exit(EXIT["ok"] if report.ok else EXIT["problem"])
+    for note in report.notes:
+        click.echo(f"note: {note}")
 
 
 @contextlib.contextmanager
@@ -320,6 +327,11 @@ def repair(directory: str, dry_run: bool, backup: str | None) -> None:
     """
     with _errors("repair", directory):
         report = walasync.repair(directory, dry_run=dry_run, backup=backup)
+        _print_repair(report)
+
+
+def _print_repair(report: walasync.RepairReport) -> None:
+    dry_run = report.dry_run
     if not report.repaired:
         click.echo(
             f"nothing to repair: the log verifies (LSN {report.first_lsn} to {report.last_lsn})"

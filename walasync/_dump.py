@@ -29,12 +29,12 @@ def _as_json(lsn: int, data: bytes) -> bytes:
 
 
 def _as_hex(lsn: int, data: bytes) -> bytes:
+    digits = data.hex(" ")  # once per record, then sliced: 3 characters a byte
+    text = data.translate(_PRINTABLE).decode("ascii")
     lines = [f"LSN {lsn}: {len(data)} bytes"]
     for pos in range(0, len(data), 16):
-        row = data[pos : pos + 16]
-        left, right = row[:8].hex(" "), row[8:].hex(" ")
-        ascii_ = row.translate(_PRINTABLE).decode("ascii")
-        lines.append(f"  {pos:08x}  {left:<23}  {right:<23}  |{ascii_}|")
+        left, right = digits[3 * pos : 3 * pos + 23], digits[3 * pos + 24 : 3 * pos + 47]
+        lines.append(f"  {pos:08x}  {left:<23}  {right:<23}  |{text[pos : pos + 16]}|")
     return ("\n".join(lines) + "\n").encode()
 
 

@@ -117,9 +117,9 @@ def repair(
         LockedError: a writer holds the log (stop it first).
         NotALogError: the directory holds no walasync log.
         UnsupportedFormatError: a segment or META is of a format this walasync cannot read.
-        WalError: a problem repair cannot fix (it changed nothing for it), or an I/O error
-            (the OSError is the cause; if it came after the commit, the next open or
-            repair finishes the cut).
+        CorruptionError: a problem repair cannot fix (it changed nothing for it).
+        WalError: an I/O error (the OSError is the cause; if it came after the commit,
+            the next open or repair finishes the cut).
     """
     io = io or FileIO()
     where = os.path.abspath(os.fspath(path))
@@ -215,11 +215,12 @@ def _plan(io: FileIO, where: str, problem: Problem, fix: Fix | None) -> _Plan:
     later = segments[k + 1 :]
     path = store.segment_path(fix.segment)
     highest, end = _highest(io, store, fix, bool(later))
+    start = min(fix.offset, problem.offset)  # a damaged header goes too
     if later:  # the cut segment from the cut on, the sealed ones whole, the last's data
-        nbytes = io.stat(path)[0] - fix.offset + end
+        nbytes = io.stat(path)[0] - start + end
         nbytes += sum(io.stat(store.segment_path(lsn))[0] for lsn in later[:-1])
     else:
-        nbytes = max(end - fix.offset, 0)
+        nbytes = max(end - start, 0)
     records = max(highest - fix.lsn + 1, 0)
     action = (
         f"cut the log from LSN {fix.lsn} on ({records:,} records, {nbytes:,} bytes): "
