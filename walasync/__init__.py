@@ -6,6 +6,9 @@ async with walasync.open("data/orders.wal") as wal:
         ...
 """
 
+from ._inspect import LogInfo as LogInfo
+from ._inspect import SegmentState as SegmentState
+from ._inspect import describe as describe
 from ._io import FileIO as FileIO
 from ._opener import Opener as Opener
 from ._options import Durability as Durability
@@ -13,10 +16,15 @@ from ._options import Options as Options
 from ._reader import Batch as Batch
 from ._reader import Record as Record
 from ._readonly import ReadOnlyWal as ReadOnlyWal
+from ._repair import RepairReport as RepairReport
+from ._repair import repair as repair
 from ._statelog import JSONSerializer as JSONSerializer
 from ._statelog import Serializer as Serializer
 from ._statelog import StateLog as StateLog
 from ._store import SegmentInfo as SegmentInfo
+from ._verify import Problem as Problem
+from ._verify import VerifyReport as VerifyReport
+from ._verify import verify as verify
 from ._wal import Wal as Wal
 from ._wal import open as open
 from .errors import ApplyError as ApplyError
@@ -25,6 +33,7 @@ from .errors import ClosedError as ClosedError
 from .errors import CorruptionError as CorruptionError
 from .errors import DiskFullError as DiskFullError
 from .errors import LockedError as LockedError
+from .errors import NotALogError as NotALogError
 from .errors import NothingToUndoError as NothingToUndoError
 from .errors import RecordTooLargeError as RecordTooLargeError
 from .errors import TruncatedError as TruncatedError
@@ -45,21 +54,30 @@ __all__ = (
     "FileIO",
     "JSONSerializer",
     "LockedError",
+    "LogInfo",
+    "NotALogError",
     "NothingToUndoError",
     "Opener",
     "Options",
+    "Problem",
     "ReadOnlyWal",
     "Record",
     "RecordTooLargeError",
+    "RepairReport",
     "SegmentInfo",
+    "SegmentState",
     "Serializer",
     "StateLog",
     "TruncatedError",
     "UnsupportedFormatError",
+    "VerifyReport",
     "Wal",
     "WalError",
     "WrongLoopError",
+    "describe",
     "open",
+    "repair",
+    "verify",
 )
 
 for _name in (
@@ -67,14 +85,22 @@ for _name in (
     "Durability",
     "FileIO",
     "JSONSerializer",
+    "LogInfo",
     "Opener",
     "Options",
+    "Problem",
     "ReadOnlyWal",
     "Record",
+    "RepairReport",
     "SegmentInfo",
     "Serializer",
     "StateLog",
+    "SegmentState",
+    "VerifyReport",
     "Wal",
+    "describe",
+    "repair",
+    "verify",
 ):
     globals()[_name].__module__ = "walasync"
 del _name

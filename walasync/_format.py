@@ -97,6 +97,7 @@ __all__ = (
     "parse_seal_header",
     "seal_count",
     "seal_size",
+    "segment_version",
 )
 
 SEGMENT_MAGIC = b"WALASYNC"
@@ -183,6 +184,11 @@ def decode_segment_header(buf: bytes) -> SegmentHeader:
     if version not in READABLE_VERSIONS:
         raise ValueError(version)
     return SegmentHeader(first_lsn, salt, previous, version)
+
+
+def segment_version(buf: bytes) -> int:
+    """The format version field of a segment header (one `decode_segment_header` took)."""
+    return int(_SEG.unpack_from(buf)[1])
 
 
 def encode_batch(

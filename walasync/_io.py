@@ -175,6 +175,11 @@ class FileIO:
     def unlink(self, path: str) -> None:
         os.unlink(path)
 
+    def link(self, src: str, dst: str) -> None:
+        """Give the file `src` a second name `dst` (a hard link; durable once the
+        directory holding `dst` is fsynced)."""
+        os.link(src, dst)
+
     def listdir(self, path: str) -> list[str]:
         return os.listdir(path)
 
@@ -196,6 +201,30 @@ class FileIO:
     def lock(self, fd: int) -> None:
         """Take an exclusive, non-blocking advisory lock (BlockingIOError if held)."""
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def is_locked(self, path: str) -> bool:
+        """Whether some process holds the `lock` of the file at `path`, found without
+        taking it (a writer opening the log meanwhile must not find it taken): from
+        /proc/locks where there is one; elsewhere by taking a shared lock and releasing
+        it at once."""
+        st = os.stat(path)
+        key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        try:
+            with open("/proc/locks", encoding="ascii", errors="replace") as locks:
+                return any(
+                    len(f) > 5 and f[1] == "FLOCK" and f[5] == key
+                    for f in (line.split() for line in locks)
+                )
+        except OSError:
+            pass
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # releases the lock
+        return False
 
 
 def replace_file(io: FileIO, directory: str, name: str, buffers: Sequence[bytes]) -> None:

@@ -35,7 +35,15 @@ from crc32c import crc32c
 
 from ._io import FileIO, read_file, replace_file
 
-__all__ = ("META_NAME", "TMP_NAME", "Meta", "MetaError", "read_meta", "write_meta")
+__all__ = (
+    "META_NAME",
+    "TMP_NAME",
+    "Meta",
+    "MetaError",
+    "MetaVersionError",
+    "read_meta",
+    "write_meta",
+)
 
 META_NAME = "META"
 TMP_NAME = META_NAME + ".tmp"  # what `replace_file` writes first
@@ -49,6 +57,10 @@ assert SIZE == 72
 
 class MetaError(Exception):
     """META is damaged or of an unknown version (mapped to CorruptionError)."""
+
+
+class MetaVersionError(MetaError):
+    """META is intact but of a version this code cannot read (UnsupportedFormatError)."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +105,7 @@ class Meta:
         if crc != crc32c(data[SIZE:], crc32c(data[: _HEAD.size])):
             raise MetaError("META checksum mismatch")
         if version != _VERSION:
-            raise MetaError(f"META version {version}; this walasync reads {_VERSION}")
+            raise MetaVersionError(f"META version {version}; this walasync reads {_VERSION}")
         return cls(log_id, origin, first, cut, offset, bytes(data[SIZE:]), cuts, last)
 
 

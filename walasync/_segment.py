@@ -35,6 +35,7 @@ __all__ = (
     "parse_name",
     "read_header",
     "repair_tail",
+    "reset_header",
     "scan_tail",
     "segment_name",
     "zero_after",
@@ -467,6 +468,16 @@ def make_spare(io: FileIO, directory: str, size: int, recycled: bool = False) ->
         io.close(fd)
         raise
     return fd, previous
+
+
+def reset_header(io: FileIO, fd: int, first_lsn: int) -> fmt.SegmentHeader:
+    """Write a new header (with a new salt, not synced) over a damaged one, so that the
+    segment can start over empty: whatever frames follow it can no longer validate."""
+    salt = 0
+    while salt == 0:
+        salt = _salts.getrandbits(32)
+    io.pwritev(fd, [fmt.encode_segment_header(first_lsn, salt)], 0)
+    return fmt.SegmentHeader(first_lsn, salt)
 
 
 def install(

@@ -22,9 +22,9 @@ from . import _meta
 from . import _segment as seg
 from ._compress import Compressor
 from ._io import FileIO
-from ._meta import Meta, MetaError
+from ._meta import Meta, MetaError, MetaVersionError
 from ._options import Options
-from .errors import CorruptionError, LockedError
+from .errors import CorruptionError, LockedError, NotALogError, UnsupportedFormatError
 
 __all__ = ("LOCK_NAME", "LastSegment", "SegmentInfo", "Store")
 
@@ -138,11 +138,17 @@ class Store:
             CorruptionError: not a walasync log (no segment), or META is damaged.
         """
         io = self.io
-        meta = self._read_meta()
+        meta = self.read_meta()
         names = io.listdir(self.path)
         segments = tuple(sorted(lsn for lsn in map(seg.parse_name, names) if lsn is not None))
         if not segments:
-            raise CorruptionError(self.path, 0, "not a walasync log: it has no segment file")
+            if meta is not None:
+                raise CorruptionError(
+                    self.segment_path(meta.first_lsn),
+                    0,
+                    "segment missing: the log has no segment files left",
+                )
+            raise NotALogError(self.path, 0, "not a walasync log: it has no segment file")
         if meta is None:
             meta = Meta(b"", segments[0], segments[0])
         cut = meta.cut or (meta.last_cut if meta.cuts != self.meta.cuts else 0)
@@ -176,7 +182,7 @@ class Store:
     def reload_meta(self) -> None:
         """(Read-only stores.) Re-read META only: after a read failed, to tell a
         truncation by the writer from damage."""
-        meta = self._read_meta()
+        meta = self.read_meta()
         if meta is None:
             return
         cut = meta.cut or (meta.last_cut if meta.cuts != self.meta.cuts else 0)
@@ -245,7 +251,7 @@ class Store:
             if leftover:
                 io.unlink(os.path.join(self.path, name))
         self._spare = self._meta_tmp = False
-        meta = self._read_meta()
+        meta = self.read_meta()
         if meta is not None:
             if first_lsn is not None and first_lsn != meta.origin:
                 raise ValueError(
@@ -274,11 +280,17 @@ class Store:
             _meta.write_meta(io, self.path, self.meta)
         return last
 
-    def _read_meta(self) -> Meta | None:
+    def read_meta(self) -> Meta | None:
+        """The log's META as it is on disk, or None if it has none.
+
+        Raises:
+            CorruptionError: META is damaged (UnsupportedFormatError: of a newer version).
+        """
         try:
             return _meta.read_meta(self.io, self.path)
         except MetaError as exc:
-            raise CorruptionError(os.path.join(self.path, _meta.META_NAME), 0, str(exc)) from None
+            kind = UnsupportedFormatError if isinstance(exc, MetaVersionError) else CorruptionError
+            raise kind(os.path.join(self.path, _meta.META_NAME), 0, str(exc)) from None
 
     def _drop_truncated(self) -> None:
         """Delete the segments wholly below `first_lsn` that a truncation committed but did
@@ -393,7 +405,17 @@ class Store:
             end = meta.cut_offset + len(meta.cut_batch)
             if meta.cut_batch:
                 io.pwritev(fd, [meta.cut_batch], meta.cut_offset)
-            header = seg.read_full_header(io, fd, self.segment_path(first), first)
+            try:
+                header = seg.read_full_header(io, fd, self.segment_path(first), first)
+            except UnsupportedFormatError:
+                raise
+            except CorruptionError:
+                # `walasync repair` cutting a whole segment whose header is damaged: the
+                # segment starts over, empty, under a new header (the seal of the one
+                # before it, which names its first LSN, stays true). Idempotent.
+                if meta.cut != first or end != fmt.SEGMENT_HEADER:
+                    raise
+                header = seg.reset_header(io, fd, first)
             recycled_first = first if header.previous_salt else 0
             seg.zero_after(io, fd, end, recycled_first)  # the rest of the batch, later ones
             if io.size(fd) < segment_size:  # sealed, so cut short: room to write again

@@ -11,6 +11,7 @@ __all__ = (
     "CorruptionError",
     "DiskFullError",
     "LockedError",
+    "NotALogError",
     "NothingToUndoError",
     "RecordTooLargeError",
     "TruncatedError",
@@ -75,6 +76,11 @@ class CorruptionError(WalError):
 
     def __reduce__(self) -> tuple[type[CorruptionError], tuple[str, int, str]]:
         return (type(self), (self.path, self.offset, self.reason))
+
+
+class NotALogError(CorruptionError):
+    """A directory that should hold a log holds none: no segment file and no `META`
+    (`.path` is the directory, `.offset` 0)."""
 
 
 class TruncatedError(WalError):

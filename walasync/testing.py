@@ -40,7 +40,7 @@ __all__ = ("SimulatedDisk",)
 SECTOR = 512
 _MODES = ("drop", "prefix", "torn", "reorder", "process")
 _OPS = frozenset(
-    ("open", "write", "fdatasync", "fsync_dir", "truncate", "rename", "unlink", "makedirs")
+    ("open", "write", "fdatasync", "fsync_dir", "truncate", "rename", "unlink", "link", "makedirs")
 )
 
 # An unsynced change to a file: (offset, data) for a write, (new size, None) for a truncate.
@@ -117,12 +117,12 @@ class SimulatedDisk(FileIO):
 
     A new disk holds only the root directory; `from_files` makes one that holds durable
     files and directories. Every call of a mutating method (`open` with `create`, `pwritev`,
-    `zero_fill`, `fdatasync`, `fsync_dir`, `truncate`, `rename`, `unlink`, `makedirs`;
-    `write_durable` is two: a write and an fdatasync), whether or not it changes anything,
-    adds one to `steps` and then calls `on_step(steps, op)` before it takes effect, with op
-    one of "open", "write", "fdatasync", "fsync_dir", "truncate", "rename", "unlink",
-    "makedirs". The hook runs on the calling thread, under the disk's lock, so `crash()`
-    inside it sees exactly the state before the step.
+    `zero_fill`, `fdatasync`, `fsync_dir`, `truncate`, `rename`, `unlink`, `link`,
+    `makedirs`; `write_durable` is two: a write and an fdatasync), whether or not it changes
+    anything, adds one to `steps` and then calls `on_step(steps, op)` before it takes
+    effect, with op one of "open", "write", "fdatasync", "fsync_dir", "truncate", "rename",
+    "unlink", "link", "makedirs". The hook runs on the calling thread, under the disk's
+    lock, so `crash()` inside it sees exactly the state before the step.
 
     Thread-safe: walasync calls it from its I/O thread, its preallocation thread and the
     loop's default executor.
@@ -378,6 +378,18 @@ class SimulatedDisk(FileIO):
                 raise _err(errno.EISDIR, path)
             del parent.entries[name]
 
+    def link(self, src: str, dst: str) -> None:
+        self._delay("link")
+        with self._mutex:
+            self._begin("link")
+            node = self._lookup(src)
+            if isinstance(node, _Dir):
+                raise _err(errno.EPERM, src)
+            parent, name = self._parent(dst)
+            if name in parent.entries:
+                raise _err(errno.EEXIST, dst)
+            parent.entries[name] = node
+
     def listdir(self, path: str) -> list[str]:
         with self._mutex:
             return list(self._dir(path).entries)
@@ -405,6 +417,11 @@ class SimulatedDisk(FileIO):
             if node.locker is not None and node.locker != fd:
                 raise BlockingIOError(errno.EWOULDBLOCK, os.strerror(errno.EWOULDBLOCK))
             node.locker = fd
+
+    def is_locked(self, path: str) -> bool:
+        with self._mutex:
+            node = self._lookup(path)
+            return isinstance(node, _File) and node.locker is not None
 
     # -- inspection and crashes --------------------------------------------------------------
 
