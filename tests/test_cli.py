@@ -32,6 +32,7 @@ from crc32c import crc32c
 
 import walasync
 from walasync import _cli
+from walasync._format import READABLE_VERSIONS
 
 SETPRIV = shutil.which("setpriv")
 
@@ -411,13 +412,14 @@ def test_a_log_of_a_newer_format(good: tuple[Path, list[bytes]]) -> None:
     log, _ = good
     last = segment_files(log)[-1]
     raw = bytearray(last.read_bytes())
-    raw[8:10] = struct.pack("<H", 3)
+    newer = max(READABLE_VERSIONS) + 1
+    raw[8:10] = struct.pack("<H", newer)
     raw[28:32] = struct.pack("<I", crc32c(bytes(raw[:28])))
     last.write_bytes(bytes(raw))
     before = files(log)
-    failed(cli("repair", log), 6, "format version 3", "upgrade walasync")
+    failed(cli("repair", log), 6, f"format version {newer}", "upgrade walasync")
     for command in COMMANDS:
-        failed(invoke(command, log), 6, "format version 3", "upgrade walasync")
+        failed(invoke(command, log), 6, f"format version {newer}", "upgrade walasync")
     assert files(log) == before
 
 
