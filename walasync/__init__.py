@@ -12,6 +12,8 @@ from ._options import Durability as Durability
 from ._options import Options as Options
 from ._reader import Record as Record
 from ._readonly import ReadOnlyWal as ReadOnlyWal
+from ._stats import Histogram as Histogram
+from ._stats import Stats as Stats
 from ._store import SegmentInfo as SegmentInfo
 from ._wal import Wal as Wal
 from ._wal import open as open
@@ -35,6 +37,7 @@ __all__ = (
     "DiskFullError",
     "Durability",
     "FileIO",
+    "Histogram",
     "LockedError",
     "Opener",
     "Options",
@@ -42,6 +45,7 @@ __all__ = (
     "Record",
     "RecordTooLargeError",
     "SegmentInfo",
+    "Stats",
     "TruncatedError",
     "UnsupportedFormatError",
     "Wal",
@@ -53,11 +57,13 @@ __all__ = (
 for _name in (
     "Durability",
     "FileIO",
+    "Histogram",
     "Opener",
     "Options",
     "ReadOnlyWal",
     "Record",
     "SegmentInfo",
+    "Stats",
     "Wal",
 ):
     globals()[_name].__module__ = "walasync"

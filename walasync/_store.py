@@ -41,6 +41,7 @@ class LastSegment:
     next_lsn: int
     index: seg.Index
     recycled: bool = False  # the file was an older segment's: no zeros needed ahead
+    size: int = 0  # of the file, preallocated room included
 
 
 class SegmentInfo(NamedTuple):
@@ -72,6 +73,10 @@ class Store:
         # The index of each segment that has one known: the last segment's (kept by the
         # writer as it writes), and those of sealed segments read so far.
         self.indexes: dict[int, seg.Index] = {}
+        # The file size of each segment but the last (measured at open, then kept), and
+        # their total, for `Wal.stats()`; changed on the I/O thread only.
+        self.sizes: dict[int, int] = {}
+        self.sealed_bytes = 0
         self.cuts: list[int] = []  # the first LSN each truncate_back removed, in order
         self.readonly = False
         self._tail: LastSegment | None = None  # (read-only) the last segment as last seen
@@ -217,8 +222,11 @@ class Store:
         """The oldest LSN a reader may ask for (records below were truncated)."""
         return self.meta.first_lsn
 
-    def add(self, first_lsn: int, index: seg.Index) -> None:
-        """A new last segment starting at `first_lsn` exists; the writer keeps `index`."""
+    def add(self, first_lsn: int, index: seg.Index, sealed_size: int) -> None:
+        """A new last segment starting at `first_lsn` exists; the writer keeps `index`; the
+        segment before it was sealed, `sealed_size` bytes long."""
+        self.sizes[self.segments[-1]] = sealed_size
+        self.sealed_bytes += sealed_size
         self.indexes[first_lsn] = index
         self.segments = (*self.segments, first_lsn)
 
@@ -264,6 +272,8 @@ class Store:
             origin = self.segments[0]
             self.meta = Meta(os.urandom(16), origin, origin)
             _meta.write_meta(io, self.path, self.meta)
+        self.sizes = {lsn: io.stat(self.segment_path(lsn))[0] for lsn in self.segments[:-1]}
+        self.sealed_bytes = sum(self.sizes.values())
         return last
 
     def _read_meta(self) -> Meta | None:
@@ -300,6 +310,7 @@ class Store:
         gone = list(segments[:keep])
         for first in gone:
             self.indexes.pop(first, None)
+            self.sealed_bytes -= self.sizes.pop(first, 0)
             try:
                 if self.recycle(self.segment_path(first)):
                     continue
@@ -375,9 +386,11 @@ class Store:
         first = self.segments[keep]
         for gone in reversed(self.segments[keep + 1 :]):
             self.indexes.pop(gone, None)
+            self.sealed_bytes -= self.sizes.pop(gone, 0)
             with contextlib.suppress(FileNotFoundError):
                 io.unlink(self.segment_path(gone))
         self.segments = self.segments[: keep + 1]
+        self.sealed_bytes -= self.sizes.pop(first, 0)  # the last segment from now on
         io.fsync_dir(self.path)
         self.indexes.pop(first, None)  # rebuilt by the recovery of what is now the last
         fd = io.open(self.segment_path(first))
@@ -427,15 +440,25 @@ class Store:
                 if self._drop_if_unsealed_successor(tail):
                     expected = last
                 else:
-                    seg.repair_tail(io, fd, path, tail)
+                    if seg.repair_tail(io, fd, path, tail):
+                        _log.warning(
+                            "%s: cut a torn tail at offset %d (%d bytes): the last write "
+                            "before the writer stopped did not complete; the log goes on "
+                            "from LSN %d",
+                            path,
+                            tail.end,
+                            tail.junk - tail.end,
+                            tail.next_lsn,
+                        )
                     # A writer killed between a write and its fdatasync, or between a rename
                     # and the directory's fsync, leaves state that the page cache shows but
                     # the disk may not have. Make it durable before building on it.
                     io.fdatasync(fd)
                     io.fsync_dir(self.path)
                     self.indexes[last] = tail.index
+                    size = io.size(fd)
                     return LastSegment(
-                        fd, last, salt, tail.end, tail.next_lsn, tail.index, recycled
+                        fd, last, salt, tail.end, tail.next_lsn, tail.index, recycled, size
                     )
             except BaseException:
                 io.close(fd)
@@ -479,7 +502,9 @@ class Store:
             raise
         self.segments = (first_lsn,)
         self.indexes[first_lsn] = index = seg.Index()
-        return LastSegment(fd, first_lsn, salt, fmt.SEGMENT_HEADER, first_lsn, index)
+        return LastSegment(
+            fd, first_lsn, salt, fmt.SEGMENT_HEADER, first_lsn, index, size=segment_size
+        )
 
     def close(self) -> None:
         """Release the lock."""

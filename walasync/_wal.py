@@ -24,6 +24,7 @@ from ._opener import Opener
 from ._options import Durability, Options
 from ._reader import Record, follow_records, read_records
 from ._readonly import ReadOnlyWal, open_readonly
+from ._stats import Stats
 from ._store import LastSegment, SegmentInfo, Store
 from ._worker import Worker
 from .errors import BrokenLogError, ClosedError, TruncatedError, WalError, map_os_error
@@ -139,6 +140,39 @@ class Wal:
     def closed(self) -> bool:
         """True once `close()` has begun."""
         return self._closer is not None
+
+    def stats(self) -> Stats:
+        """A snapshot of the log's counters, histograms and state (see `walasync.Stats`).
+
+        Cheap (no system call, no lock: counters are kept per batch) and callable from any
+        thread, such as a metrics scraper's, and after `close()`. Its fields are read one
+        after the other while the log runs, so they may be up to a batch apart.
+        """
+        b = self._batcher
+        a = b.appender
+        store = self._store
+        return Stats(
+            path=store.path,
+            appends=b.appends,
+            records=b.records,
+            appended_bytes=b.appended_bytes,
+            batches=b.batches,
+            batch_records=b.batch_records.snapshot(),
+            append_seconds=b.append_seconds.snapshot(),
+            sync_seconds=a.sync_seconds.snapshot(),
+            slow_syncs=a.slow_syncs,
+            pending_records=b.pending,
+            pending_bytes=b.pending_bytes,
+            in_flight_records=b.in_flight,
+            waiting_appenders=b.waiting,
+            segments=len(store.segments),
+            disk_bytes=store.sealed_bytes + max(a.alloc, a.end),
+            first_lsn=store.meta.first_lsn,
+            last_lsn=b.acked_lsn,
+            synced_lsn=b.synced_lsn,
+            closed=self.closed,
+            failure=b.failure,
+        )
 
     async def append(self, data: Buffer) -> int:
         """Append one record and return its LSN once it is acknowledged (durable by default).
@@ -415,6 +449,7 @@ def open(
     sync_interval: float = Options.sync_interval,
     retention_bytes: int | None = None,
     retention_age: float | None = None,
+    slow_sync_warning: float | None = Options.slow_sync_warning,
     on_segment_drop: DropHook | None = None,
     first_lsn: int | None = None,
 ) -> Opener[Wal]: ...
@@ -444,6 +479,7 @@ def open(
     sync_interval: float = Options.sync_interval,
     retention_bytes: int | None = None,
     retention_age: float | None = None,
+    slow_sync_warning: float | None = Options.slow_sync_warning,
     on_segment_drop: DropHook | None = None,
     first_lsn: int | None = None,
     poll_interval: float = 0.05,
@@ -483,6 +519,7 @@ def open(
         sync_interval=sync_interval,
         retention_bytes=retention_bytes,
         retention_age=retention_age,
+        slow_sync_warning=slow_sync_warning,
     )
     if first_lsn is not None and (not isinstance(first_lsn, int) or not 1 <= first_lsn <= 1 << 63):
         raise ValueError(f"first_lsn must be an int from 1 to 2**63, not {first_lsn!r}")
