@@ -157,7 +157,7 @@ class Appender:
             what = f"a durable write of {size} bytes" if size else "an fdatasync"
             path = self.store.segment_path(self.first) if fd == self.fd else "a sealed segment"
             _log.warning(
-                "%s: %s to %s took %.3f s (over slow_sync_warning, %g s): the disk is slow",
+                "%s: %s to %s took %.3g s (over slow_sync_warning, %g s): the disk is slow",
                 self.store.path,
                 what,
                 os.path.basename(path),

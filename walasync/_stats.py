@@ -2,17 +2,17 @@
 
 Theory of operation. Nothing here runs per append. The batcher counts on the event loop once
 per batch (records, bytes, appends, the batch's size) and once per chunk of woken appenders
-(their latency); the appender times each durable write on the I/O thread (one clock pair per
-batch). Each counter has one writer thread; `Wal.stats()` copies them from any thread without
-a lock, so a snapshot's fields may be up to a batch apart, never torn.
+(their latency: see `Batcher._woken`); the appender times each durable write on the I/O
+thread (one clock pair per batch). Each counter has one writing thread; `Wal.stats()` copies
+them from any thread without a lock, so a snapshot's fields may be up to a batch apart.
 
 Histograms have fixed log-scale buckets, so their memory is bounded whatever the run length:
 seconds from 1 µs to 100 s on the R20 preferred numbers (1, 1.12, 1.25, 1.4, 1.6, ... 9, 10:
-twenty buckets a decade, each 10-14% wide), records from 1 to 2**20 on powers of two.
-Quantiles are read from the buckets by interpolating inside the one that holds them
-(geometrically), so a quantile is within one bucket's width (12%) of the truth for the
-values counted. A value above the last bound lands in an overflow bucket, whose quantiles
-read as the last bound.
+twenty buckets a decade, each 11-14% wide), records from 1 to 2**20 four a doubling
+(1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, ...: each 14-25% wide). Quantiles are read
+from the buckets by interpolating (geometrically) inside the one that holds them, so a
+quantile is within one bucket's width of the truth for the values counted. A value above
+the last bound lands in an overflow bucket, whose quantiles read as the last bound.
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ SECOND_BOUNDS: tuple[float, ...] = (
     *(float(f"{m}e{e}") for e in range(-6, 2) for m in _R20),
     100.0,
 )
-RECORD_BOUNDS: tuple[float, ...] = tuple(float(1 << k) for k in range(21))
+RECORD_BOUNDS: tuple[float, ...] = tuple(  # 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, ...
+    sorted({float(-(-m * 2**k // 4)) for k in range(20) for m in (4, 5, 6, 7)} | {2.0**20})
+)
 
 
 @dataclass(frozen=True, repr=False)
