@@ -11,6 +11,7 @@ import errno
 import itertools
 import logging
 import math
+import threading
 import time
 from bisect import bisect_left
 from pathlib import Path
@@ -397,6 +398,36 @@ async def test_segments_and_disk_bytes_follow_the_files(log_dir: Path) -> None:
         for _ in range(3):
             await wal.append_many([b"q" * 300] * 12)  # a segment each
             await check(wal)
-    async with walasync.open(log_dir, **small()) as wal:  # measured again at open
-        await check(wal)
+    async with walasync.open(log_dir, **small()) as wal:
+        # The segments sealed before open are measured in the background, just after it.
+        files = await asyncio.to_thread(disk_usage, log_dir)
+        await until(lambda: (wal.stats().segments, wal.stats().disk_bytes) == files, "measured")
         assert wal.stats().segments >= 3
+
+
+class HeldStat(walasync.FileIO):
+    """Holds `stat` (which only the background measurement calls here) until `gate` is set."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+
+    def stat(self, path: str) -> tuple[int, float]:
+        assert self.gate.wait(10)
+        return super().stat(path)
+
+
+@pytest.mark.parametrize("reseal", [False, True])
+async def test_the_measurement_after_open_keeps_what_changed_meanwhile(
+    log_dir: Path, reseal: bool
+) -> None:
+    async with walasync.open(log_dir, **small()) as wal:
+        for i in range(60):
+            await wal.append(b"%d" % i * 300)
+    io = HeldStat()
+    async with walasync.open(log_dir, io=io, **small()) as wal:
+        await wal.truncate_back(20)  # an old sealed segment is the last one again
+        if reseal:
+            await wal.append_many([b"n" * 300] * 20)  # and sealed anew, with another size
+        io.gate.set()
+        files = await asyncio.to_thread(disk_usage, log_dir)
+        await until(lambda: (wal.stats().segments, wal.stats().disk_bytes) == files, "measured")

@@ -136,7 +136,7 @@ class Appender:
         if sync:
             start = _clock()
             self.io.write_durable(self.fd, (head, body), self.end)
-            self._timed(start, self.fd, size)
+            self._timed(start, size)
         else:
             self.io.pwritev(self.fd, (head, body), self.end)
             self._dirty = True
@@ -148,14 +148,15 @@ class Appender:
         if self._spare is None and self.end > self.segment_size // 2:
             self._spare = self._spare_pool.submit(self._make_spare)
 
-    def _timed(self, start: float, fd: int, size: int) -> None:
-        """Count a durable write that began at `start`; warn if it was slow."""
+    def _timed(self, start: float, size: int, path: str | None = None) -> None:
+        """Count a durable write of `size` bytes (0: an fdatasync) to `path` (default: the
+        last segment) that began at `start`; warn if it was slow."""
         took = _clock() - start
         self.sync_seconds.add(took)
         if self.slow_sync is not None and took > self.slow_sync:
             self.slow_syncs += 1
             what = f"a durable write of {size} bytes" if size else "an fdatasync"
-            path = self.store.segment_path(self.first) if fd == self.fd else "a sealed segment"
+            path = path or self.store.segment_path(self.first)
             _log.warning(
                 "%s: %s to %s took %.3g s (over slow_sync_warning, %g s): the disk is slow",
                 self.store.path,
@@ -186,14 +187,14 @@ class Appender:
             try:
                 start = _clock()
                 self.io.fdatasync(fd)
-                self._timed(start, fd, 0)
+                self._timed(start, 0, self._unsynced[0])
             finally:
                 self.io.close(fd)
             del self._unsynced[0]
         if self._dirty:
             start = _clock()
             self.io.fdatasync(self.fd)
-            self._timed(start, self.fd, 0)
+            self._timed(start, 0)
             self._dirty = False
 
     def truncate_back(self, lsn: int) -> None:

@@ -183,7 +183,10 @@ class Batcher:
                 self.check()
                 if self._must_wait(size):
                     return self._put_when_room(data, size)
-            return self._enqueue(data, size)  # (the first record of a batch)
+                return self._enqueue(data, size)
+            # The first record of a batch, in an open log: its wait starts now.
+            self._since = _clock()
+            self._limit = self._max_pending - self._reserved  # as `_set_limit` would
         # `_enqueue` for one record, inlined: this is the hot path.
         fut = self._loop.create_future()
         self._records.append(data)
@@ -319,8 +322,8 @@ class Batcher:
             self._fence = fence - len(records)
         if self._space_waiters:
             self._grant_space()
-        else:
-            self._set_limit()
+        elif not self._records and self._limit > 0:
+            self._limit = 0  # as `_set_limit` would
         return records, futures, total
 
     def _start(self) -> None:

@@ -161,7 +161,7 @@ class Stats:
     in_flight_records: int  # in the batches being written
     waiting_appenders: int  # appenders waiting for room in the queue (backpressure)
     segments: int  # segment files
-    disk_bytes: int  # their size on disk, preallocated room included (the spare is not)
+    disk_bytes: int  # their size, preallocated room included (see README: "Stats and metrics")
     first_lsn: int
     last_lsn: int
     synced_lsn: int

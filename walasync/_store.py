@@ -73,9 +73,10 @@ class Store:
         # The index of each segment that has one known: the last segment's (kept by the
         # writer as it writes), and those of sealed segments read so far.
         self.indexes: dict[int, seg.Index] = {}
-        # The file size of each segment but the last (measured at open, then kept), and
-        # their total, for `Wal.stats()`; changed on the I/O thread only.
-        self.sizes: dict[int, int] = {}
+        # The file size of each segment but the last, and their total, for `Wal.stats()`:
+        # those sealed by this writer as they are; the others once `measure` has read them.
+        # Changed on the I/O thread only.
+        self.sealed_sizes: dict[int, int] = {}
         self.sealed_bytes = 0
         self.cuts: list[int] = []  # the first LSN each truncate_back removed, in order
         self.readonly = False
@@ -222,10 +223,28 @@ class Store:
         """The oldest LSN a reader may ask for (records below were truncated)."""
         return self.meta.first_lsn
 
+    def stat_sealed(self, segments: tuple[int, ...]) -> dict[int, int]:
+        """The file sizes of `segments` (those still there); reads only, on any thread."""
+        sizes = {}
+        for first in segments:
+            with contextlib.suppress(FileNotFoundError):
+                sizes[first] = self.io.stat(self.segment_path(first))[0]
+        return sizes
+
+    def measured(self, sizes: dict[int, int]) -> None:
+        """Take the sizes `stat_sealed` read (on the I/O thread): of the segments that are
+        still sealed ones and whose size is not known yet (truncation and rotation may have
+        run in between)."""
+        sealed = set(self.segments[:-1])
+        for first, size in sizes.items():
+            if first in sealed and first not in self.sealed_sizes:
+                self.sealed_sizes[first] = size
+                self.sealed_bytes += size
+
     def add(self, first_lsn: int, index: seg.Index, sealed_size: int) -> None:
         """A new last segment starting at `first_lsn` exists; the writer keeps `index`; the
         segment before it was sealed, `sealed_size` bytes long."""
-        self.sizes[self.segments[-1]] = sealed_size
+        self.sealed_sizes[self.segments[-1]] = sealed_size
         self.sealed_bytes += sealed_size
         self.indexes[first_lsn] = index
         self.segments = (*self.segments, first_lsn)
@@ -272,8 +291,6 @@ class Store:
             origin = self.segments[0]
             self.meta = Meta(os.urandom(16), origin, origin)
             _meta.write_meta(io, self.path, self.meta)
-        self.sizes = {lsn: io.stat(self.segment_path(lsn))[0] for lsn in self.segments[:-1]}
-        self.sealed_bytes = sum(self.sizes.values())
         return last
 
     def _read_meta(self) -> Meta | None:
@@ -310,7 +327,7 @@ class Store:
         gone = list(segments[:keep])
         for first in gone:
             self.indexes.pop(first, None)
-            self.sealed_bytes -= self.sizes.pop(first, 0)
+            self.sealed_bytes -= self.sealed_sizes.pop(first, 0)
             try:
                 if self.recycle(self.segment_path(first)):
                     continue
@@ -386,11 +403,11 @@ class Store:
         first = self.segments[keep]
         for gone in reversed(self.segments[keep + 1 :]):
             self.indexes.pop(gone, None)
-            self.sealed_bytes -= self.sizes.pop(gone, 0)
+            self.sealed_bytes -= self.sealed_sizes.pop(gone, 0)
             with contextlib.suppress(FileNotFoundError):
                 io.unlink(self.segment_path(gone))
         self.segments = self.segments[: keep + 1]
-        self.sealed_bytes -= self.sizes.pop(first, 0)  # the last segment from now on
+        self.sealed_bytes -= self.sealed_sizes.pop(first, 0)  # the last segment from now on
         io.fsync_dir(self.path)
         self.indexes.pop(first, None)  # rebuilt by the recovery of what is now the last
         fd = io.open(self.segment_path(first))

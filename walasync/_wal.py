@@ -110,6 +110,10 @@ class Wal:
             store, last, worker, options, self._retain_soon if retains else None
         )
         self._retainer: asyncio.Task[None] | None = None
+        # The sizes of the segments sealed before open, read in the background (for stats).
+        self._measurer: asyncio.Task[None] | None = None
+        if len(store.segments) > 1:
+            self._measurer = asyncio.ensure_future(self._measure())
         self._put = self._batcher.put  # bound once: `append` is the hot path
         self._closer: asyncio.Future[None] | None = None
         self._closed = False
@@ -140,6 +144,18 @@ class Wal:
     def closed(self) -> bool:
         """True once `close()` has begun."""
         return self._closer is not None
+
+    async def _measure(self) -> None:
+        """Read the sizes of the segments sealed before open, one `stat` each, in the
+        executor (so that neither open, nor the loop, nor the I/O thread waits for them),
+        then hand them to the store on the I/O thread, which alone changes them."""
+        store = self._store
+        loop = asyncio.get_running_loop()
+        try:
+            sizes = await loop.run_in_executor(None, store.stat_sealed, store.segments[:-1])
+            await self._worker.run(store.measured, sizes)
+        except OSError as exc:  # only the stats lack them
+            _log.warning("could not read the sizes of %s's segments: %s", self.path, exc)
 
     def stats(self) -> Stats:
         """A snapshot of the log's counters, histograms and state (see `walasync.Stats`).
@@ -363,9 +379,10 @@ class Wal:
         await asyncio.shield(self._closer)
 
     async def _close(self) -> None:
-        if self._retainer is not None:
-            self._retainer.cancel()
-            await asyncio.wait([self._retainer])
+        for task in (self._retainer, self._measurer):
+            if task is not None:
+                task.cancel()
+                await asyncio.wait([task])
         try:
             await self._batcher.close()
         finally:
