@@ -41,6 +41,7 @@ class Spec:
     append_file: bool = False  # baselines append to a growing file instead of the ring
     segment_size: int | None = None  # walasync option
     rocksdb_binding: str | None = None  # "rocksdict" or "aimrocks", chosen by the parent
+    baseline: str | None = None  # walasync-baseline: the source tree to import walasync from
 
     @property
     def threads(self) -> int:

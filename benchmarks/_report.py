@@ -175,6 +175,29 @@ def target_lines(cells: Cells, groups: Sequence[Group], impl: str = "walasync-uv
     return f"# targets: {impl}, 100 B appends: " + ("; ".join(parts) if parts else "not run")
 
 
+def baseline_lines(cells: Cells, groups: Sequence[Group], impl: str = "walasync-uvloop") -> str:
+    """For each group: ``impl`` against walasync-baseline, as the median (and range) of the
+    ratios of repetitions run back to back (rate, and CPU per record)."""
+    out = []
+    for g in groups:
+        me, base = cells.get((g, impl)), cells.get((g, "walasync-baseline"))
+        if me is None or base is None:
+            continue
+        pairs = list(zip(me.reps, base.reps, strict=False))
+        parts = [f"# baseline: {g.workload} {size_label(g.size)} N={g.n}, {len(pairs)} pairs:"]
+        for attr, what in (("rate", "rec/s"), ("cpu_us", "CPU us/record")):
+            ratios = sorted(
+                a / b
+                for ra, rb in pairs
+                if (a := getattr(ra, attr)) is not None and (b := getattr(rb, attr))
+            )
+            if ratios:
+                med = statistics.median(ratios)
+                parts.append(f"{what} x{med:.3f} (range {ratios[0]:.3f}-{ratios[-1]:.3f})")
+        out.append(" ".join(parts))
+    return "\n".join(out) if out else "# baseline: no pairs"
+
+
 def plot(cells: Cells, impls: Sequence[str], path: str, title: str) -> str | None:
     """records/s and p99 latency against N (log-log), 100 B appends; None or why skipped."""
     try:

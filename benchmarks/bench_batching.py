@@ -14,6 +14,12 @@ Implementations, all writing under the same directory (so the same file system):
   it at two segments, and the segments it frees are recycled, so batches land in blocks
   written before (prefilled with 4 segments before the timed window; ``--full`` only, or
   by ``--impl``).
+* ``walasync-baseline``: walasync (uvloop) imported from another source tree given with
+  ``--baseline DIR`` (a checkout of an earlier commit, say: ``git worktree add DIR main``),
+  to measure a change side by side with what it changes; only with ``--baseline``. The
+  table's ``# baseline`` lines give walasync-uvloop over walasync-baseline per group,
+  as the median of the ratios of repetitions run back to back.
+
 * ``raw``: one thread writing rounds of N ops' records as pwritev + fdatasync per batch (of at
   most 4 MiB): the disk's limit with no per-record work; latency is the round's time.
 * ``per-record``: threads doing pwrite + fdatasync per op under one threading.Lock.
@@ -66,6 +72,7 @@ IMPLS = (
     "walasync-asyncio",
     "walasync-uvloop",
     "walasync-steady",
+    "walasync-baseline",
     "raw",
     "per-record",
     "per-record-aiofiles",
@@ -80,6 +87,7 @@ FULL_ONLY = ("walasync-steady",)  # --quick: only when asked for by --impl
 REQUIRES = {
     "walasync-uvloop": "uvloop",
     "walasync-steady": "uvloop",
+    "walasync-baseline": "uvloop",
     "per-record-aiofiles": "aiofiles",
     "lmdb": "lmdb",
 }
@@ -150,6 +158,7 @@ def _preimport(spec: Spec) -> None:
         "walasync-asyncio": ["walasync"],
         "walasync-uvloop": ["walasync", "uvloop"],
         "walasync-steady": ["walasync", "uvloop"],
+        "walasync-baseline": ["walasync", "uvloop"],
         "rocksdb": [spec.rocksdb_binding or ""],
     }.get(spec.impl, [REQUIRES.get(spec.impl, "")])
     import _impls
@@ -164,7 +173,15 @@ def _preimport(spec: Spec) -> None:
 def child_main(arg: str) -> None:
     """Run the repetition described by JSON ``arg``; print its result as one JSON line."""
     spec = Spec(**json.loads(arg))
+    if spec.baseline is not None:  # walasync-baseline: the other tree's walasync, first
+        sys.path.insert(0, spec.baseline)
     _preimport(spec)
+    if spec.baseline is not None:
+        import walasync
+
+        where = Path(walasync.__file__).resolve()
+        if not where.is_relative_to(Path(spec.baseline).resolve()):
+            raise SystemExit(f"walasync-baseline imported {where}, not from {spec.baseline}")
     base = maxrss_mib()
     try:
         rep = run_impl(spec)
@@ -267,6 +284,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="baselines append to a growing file instead of overwriting a preallocated one",
     )
     p.add_argument("--segment-size", type=int, help="walasync segment_size in bytes")
+    p.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="a walasync source tree to run as walasync-baseline, beside walasync-uvloop",
+    )
     p.add_argument("--json", metavar="PATH", help="write all numbers to PATH")
     p.add_argument("--plot", metavar="PATH.png", help="plot 100 B appends against N to PATH")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -303,6 +325,10 @@ def make_plan(args: argparse.Namespace, preset: Preset, impls: list[str]) -> Pla
     groups += [Group("many", s, MANY_N) for s in many_sizes]
     cells: Cells = {}
     notes: list[str] = []
+    if "walasync-baseline" in impls and args.baseline is None:
+        if "walasync-baseline" in args.impl.split(","):
+            raise SystemExit("walasync-baseline needs --baseline DIR")
+        impls = [i for i in impls if i != "walasync-baseline"]
     for g in groups:
         for impl in impls:
             if g.workload == "many" and impl not in preset.many_impls:
@@ -367,6 +393,7 @@ def run_grid(plan: Plan, base: Spec, repeats: int, budget: float, tmp: Path, t0:
                 spec = replace(
                     base, impl=cell.impl, workload=g.workload, n=g.n, size=g.size, batch=batch,
                     path=str(path),
+                    baseline=base.baseline if cell.impl == "walasync-baseline" else None,
                 )  # fmt: skip
                 try:
                     out = run_child(spec)
@@ -416,6 +443,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     base = Spec(
         impl="", workload="", n=0, size=0, batch=1, duration=duration, warmup=warmup, path="",
         max_threads=args.max_threads, append_file=args.append, segment_size=args.segment_size,
+        baseline=None if args.baseline is None else str(Path(args.baseline).resolve()),
     )  # fmt: skip
     print(
         f"# python {info['python']} ({info['implementation']}) | {info['platform']} | "
@@ -454,10 +482,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if short:
         plan.notes.append(f"fewer than {repeats} repetitions for some cells of {', '.join(short)}")
 
-    from _report import LEGEND, payload, plot, write_json
+    from _report import LEGEND, baseline_lines, payload, plot, write_json
 
     print(render(plan.cells, plan.groups, impls, MANY_BATCH))
     print(target_lines(plan.cells, plan.groups))
+    if args.baseline is not None:
+        print(baseline_lines(plan.cells, plan.groups))
     for note in dict.fromkeys(plan.notes):
         print(f"# note: {note}")
     print(textwrap.fill(LEGEND, 100, subsequent_indent="#   "))
@@ -483,6 +513,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "slow_max_n": args.slow_max_n,
             "segment_size": args.segment_size,
             "rocksdb_binding": base.rocksdb_binding,
+            "baseline": base.baseline,
             "baseline_file": "append" if args.append else "preallocated 16 MiB ring",
         }
         write_json(args.json, payload(info, config, plan.cells, plan.notes, elapsed))

@@ -21,6 +21,8 @@ from ._repair import repair as repair
 from ._statelog import JSONSerializer as JSONSerializer
 from ._statelog import Serializer as Serializer
 from ._statelog import StateLog as StateLog
+from ._stats import Histogram as Histogram
+from ._stats import Stats as Stats
 from ._store import SegmentInfo as SegmentInfo
 from ._verify import Problem as Problem
 from ._verify import VerifyReport as VerifyReport
@@ -52,6 +54,7 @@ __all__ = (
     "DiskFullError",
     "Durability",
     "FileIO",
+    "Histogram",
     "JSONSerializer",
     "LockedError",
     "LogInfo",
@@ -68,6 +71,7 @@ __all__ = (
     "SegmentState",
     "Serializer",
     "StateLog",
+    "Stats",
     "TruncatedError",
     "UnsupportedFormatError",
     "VerifyReport",
@@ -86,6 +90,7 @@ for _name in (
     "FileIO",
     "JSONSerializer",
     "LogInfo",
+    "Histogram",
     "Opener",
     "Options",
     "Problem",
@@ -97,6 +102,7 @@ for _name in (
     "StateLog",
     "SegmentState",
     "VerifyReport",
+    "Stats",
     "Wal",
     "describe",
     "repair",

@@ -17,22 +17,29 @@ order. Invariants:
 - With a file system that leaves preallocated blocks unwritten, `ZeroAhead` zeroes the
   blocks just ahead of the writer; every batch `claim`s its range first, so no zero lands
   on a record.
+- Each durable write of a batch, and each fdatasync, is timed (one clock pair), counted in
+  `sync_seconds`, and logged as a warning past `slow_sync` seconds.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from time import perf_counter as _clock
 
 from . import _format as fmt
 from . import _meta
 from . import _segment as seg
+from ._stats import SECOND_BOUNDS, Buckets
 from ._store import LastSegment, Store
 from ._zeroing import ZeroAhead
 
 __all__ = ("Appender", "NotWritten", "StoreFailed")
+
+_log = logging.getLogger("walasync")
 
 # Zeroing ahead pays for batches up to this size: a larger write gains less from written
 # blocks (1 MiB: 0.7 instead of 0.9 ms) than the zeros cost the disk.
@@ -60,6 +67,7 @@ class Appender:
         *,
         fsync: bool,
         pressed: Callable[[], bool] = lambda: False,
+        slow_sync: float | None = None,
     ) -> None:
         self.store = store
         self.io = store.io
@@ -73,13 +81,17 @@ class Appender:
         self.end = last.end  # where the next batch goes
         self.next_lsn = last.next_lsn
         self.index = last.index
+        self.alloc = last.size  # the last segment's file size, before writes past it
         self.rotations = 0  # segments started by this writer
+        self.sync_seconds = Buckets(SECOND_BOUNDS)  # durable writes and fdatasyncs, timed
+        self.slow_sync = slow_sync  # seconds: a durable write longer than this is logged
+        self.slow_syncs = 0
         self._dirty = False  # written since the last fdatasync of the last segment
         self.failed: BaseException | None = None  # the write or fdatasync that failed
         self._refused: BaseException | None = None  # why the last batch was NotWritten
         self._unsynced: list[str] = []  # sealed segments never fdatasync'd (NONE mode)
         self._spare_pool = ThreadPoolExecutor(1, thread_name_prefix="walasync-prealloc")
-        self._spare: Future[tuple[int, int]] | None = None  # (fd, previous salt)
+        self._spare: Future[tuple[int, int, int]] | None = None  # (fd, previous salt, size)
         io = self.io
         self._zero = ZeroAhead(io, segment_size) if io.leaves_unwritten() else None
         if self._zero is not None and not last.recycled:
@@ -131,7 +143,9 @@ class Appender:
         if self._zero is not None:
             self._zero.claim(self.end + size)
         if sync:
+            start = _clock()
             self.io.write_durable(self.fd, (head, body), self.end)
+            self._timed(start, size)
         else:
             self.io.pwritev(self.fd, (head, body), self.end)
             self._dirty = True
@@ -142,6 +156,24 @@ class Appender:
         self.next_lsn += len(records)
         if self._spare is None and self.end > self.segment_size // 2:
             self._spare = self._spare_pool.submit(self._make_spare)
+
+    def _timed(self, start: float, size: int, path: str | None = None) -> None:
+        """Count a durable write of `size` bytes (0: an fdatasync) to `path` (default: the
+        last segment) that began at `start`; warn if it was slow."""
+        took = _clock() - start
+        self.sync_seconds.add(took)
+        if self.slow_sync is not None and took > self.slow_sync:
+            self.slow_syncs += 1
+            what = f"a durable write of {size} bytes" if size else "an fdatasync"
+            path = path or self.store.segment_path(self.first)
+            _log.warning(
+                "%s: %s to %s took %.3g s (over slow_sync_warning, %g s): the disk is slow",
+                self.store.path,
+                what,
+                os.path.basename(path),
+                took,
+                self.slow_sync,
+            )
 
     def sync(self) -> None:
         """fdatasync whatever was written since its last fdatasync: the last segment, and
@@ -162,12 +194,16 @@ class Appender:
                 del self._unsynced[0]
                 continue
             try:
+                start = _clock()
                 self.io.fdatasync(fd)
+                self._timed(start, 0, self._unsynced[0])
             finally:
                 self.io.close(fd)
             del self._unsynced[0]
         if self._dirty:
+            start = _clock()
             self.io.fdatasync(self.fd)
+            self._timed(start, 0)
             self._dirty = False
 
     def truncate_back(self, lsn: int) -> None:
@@ -207,6 +243,7 @@ class Appender:
         self.fd, self.first, self.salt = last.fd, last.first_lsn, last.salt
         self.version = last.version
         self.end, self.next_lsn, self.index = last.end, last.next_lsn, last.index
+        self.alloc = last.size
         self._dirty = False
         self._refused = None
         if self._zero is not None:
@@ -222,7 +259,7 @@ class Appender:
         spare_path = os.path.join(self.store.path, seg.SPARE_NAME)
         spare, self._spare = self._spare, None
         try:
-            fd, previous = spare.result() if spare is not None else self._make_spare()
+            fd, previous, alloc = spare.result() if spare is not None else self._make_spare()
         except OSError as exc:
             self._discard(-1, spare_path)
             raise NotWritten(exc) from exc
@@ -250,7 +287,8 @@ class Appender:
         # into the new one (a sealed last segment then proves its successor was lost).
         old_fd = self.fd
         self.io.pwritev(old_fd, (seal,), self.end)
-        self.io.truncate(old_fd, self.end + len(seal))
+        sealed = self.end + len(seal)
+        self.io.truncate(old_fd, sealed)
         if self.fsync:
             self.io.fdatasync(old_fd)
         else:  # NONE mode: flushed by the next sync()
@@ -259,9 +297,10 @@ class Appender:
         self.io.close(old_fd)
         self.first, self.salt, self.version = first_lsn, salt, version
         self.end = fmt.SEGMENT_HEADER
+        self.alloc = alloc
         self.next_lsn = first_lsn
         self.index = seg.Index()
-        self.store.add(first_lsn, self.index)
+        self.store.add(first_lsn, self.index, sealed)
         self.rotations += 1
         self._dirty = False
         if self._zero is not None:  # a recycled file's blocks are written already
@@ -274,9 +313,14 @@ class Appender:
                 self.io.close(fd)
             self.io.unlink(spare_path)
 
-    def _make_spare(self) -> tuple[int, int]:
+    def _make_spare(self) -> tuple[int, int, int]:
         recycled = self.store.take_recycled()
-        return seg.make_spare(self.io, self.store.path, self.segment_size, recycled)
+        fd, previous = seg.make_spare(self.io, self.store.path, self.segment_size, recycled)
+        try:
+            return fd, previous, self.io.size(fd)
+        except BaseException:
+            self.io.close(fd)
+            raise
 
     def close(self, sync: bool = True) -> None:
         """Close the last segment and drop the spare; first fdatasync if `sync` (and fsync

@@ -33,14 +33,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from itertools import islice
 from threading import get_ident as _get_ident
+from time import perf_counter as _clock
 
 from ._appender import Appender, NotWritten
 from ._opener import require_loop
 from ._options import Durability, Options
+from ._stats import RECORD_BOUNDS, SECOND_BOUNDS, Buckets
 from ._store import LastSegment, Store
 from ._worker import Worker
 from .errors import (
@@ -52,6 +55,8 @@ from .errors import (
 )
 
 __all__ = ("Batcher",)
+
+_log = logging.getLogger("walasync")
 
 _RECORD_OVERHEAD = 4  # the record's entry in its batch's length table
 _PIPELINE = 2  # batches in flight at most: one being written, the next one queued behind it
@@ -91,6 +96,7 @@ class Batcher:
             options.segment_size,
             fsync=options.durability is not Durability.NONE,
             pressed=lambda: len(self._flight) > 1,  # read on the I/O thread
+            slow_sync=options.slow_sync_warning,
         )
         self._worker = worker
         self._on_rotate = on_rotate  # called on the loop after a batch started a segment
@@ -112,8 +118,12 @@ class Batcher:
         self._reserved = 0  # bytes granted to appenders that left the space queue
         self._space_waiters: deque[tuple[asyncio.Future[None], int]] = deque()
         self._sync_waiters: list[tuple[int, asyncio.Future[None]]] = []
-        # Batches handed to the I/O thread and not yet reported back, oldest first.
-        self._flight: deque[tuple[int, list[asyncio.Future[int] | None]]] = deque()
+        # Batches handed to the I/O thread and not yet reported back, oldest first: first
+        # LSN, futures, then for the stats: appends, record bytes, when its oldest record was
+        # queued and when it was taken.
+        self._flight: deque[
+            tuple[int, list[asyncio.Future[int] | None], int, int, float, float]
+        ] = deque()
         self._timer: asyncio.Handle | None = None  # the next batch, scheduled
         self._idle = True  # no send scheduled, and the pipeline has room for one
         self._drained: asyncio.Future[None] | None = None  # set once closed and drained
@@ -126,7 +136,12 @@ class Batcher:
         self.finished = False  # close() has ended: `synced_lsn` moves no more
         # Futures of followers waiting for `synced_lsn` to move (see `watch`).
         self._watchers: set[asyncio.Future[None]] = set()
-        self._limit = self._max_pending  # what `put` may fill the queue to without a check
+        self._limit = 0  # what `put` may fill the queue to without a check (see `_set_limit`)
+        self._since = 0.0  # when the oldest queued record was queued (a lower bound)
+        # Statistics (see `_stats.py`), kept per batch on the loop; read from any thread.
+        self.appends = self.records = self.appended_bytes = self.batches = 0
+        self.batch_records = Buckets(RECORD_BOUNDS)
+        self.append_seconds = Buckets(SECOND_BOUNDS)
         self._ticker: asyncio.Task[None] | None = None
         if options.durability is Durability.INTERVAL:
             self._ticker = self._loop.create_task(
@@ -137,6 +152,16 @@ class Batcher:
     def pending(self) -> int:
         """Records queued and not yet taken into a batch."""
         return len(self._records)
+
+    @property
+    def pending_bytes(self) -> int:
+        """Queued bytes, as counted against `max_pending_bytes`."""
+        return self._pending_bytes
+
+    @property
+    def waiting(self) -> int:
+        """Appenders waiting for room in the queue."""
+        return len(self._space_waiters)
 
     def put(self, data: bytes) -> Awaitable[int]:
         """Queue one record; the awaitable gives its LSN once acknowledged.
@@ -153,10 +178,15 @@ class Batcher:
             raise self._too_large(size)
         size += _RECORD_OVERHEAD
         pending = self._pending_bytes + size
-        if pending > self._limit:  # full, or appenders waiting, or refusing appends
-            self.check()
-            if self._must_wait(size):
-                return self._put_when_room(data, size)
+        if pending > self._limit:  # full, appenders waiting, refusing appends, or empty
+            if self._limit or pending + self._reserved > self._max_pending:
+                self.check()
+                if self._must_wait(size):
+                    return self._put_when_room(data, size)
+                return self._enqueue(data, size)
+            # The first record of a batch, in an open log: its wait starts now.
+            self._since = _clock()
+            self._limit = self._max_pending - self._reserved  # as `_set_limit` would
         # `_enqueue` for one record, inlined: this is the hot path.
         fut = self._loop.create_future()
         self._records.append(data)
@@ -200,6 +230,9 @@ class Batcher:
 
     def _enqueue(self, records: bytes | list[bytes], size: int) -> asyncio.Future[int]:
         fut: asyncio.Future[int] = self._loop.create_future()
+        first = not self._records
+        if first:  # the oldest record of the next batch: its wait starts now
+            self._since = _clock()
         if isinstance(records, bytes):
             self._records.append(records)
             self._futures.append(fut)
@@ -209,6 +242,8 @@ class Batcher:
             self._futures += [None] * (len(records) - 1)
             self._units = len(records) > 1 or self._units
         self._pending_bytes += size
+        if first:
+            self._set_limit()
         if self._idle:
             self._start()
         return fut
@@ -248,19 +283,24 @@ class Batcher:
         self._set_limit()
 
     def _set_limit(self) -> None:
-        """Keep `_limit` true: the fast path of `put` checks nothing else."""
+        """Keep `_limit` true: the fast path of `put` checks nothing else. It is 0 while
+        the queue is empty, so that the first record of each batch takes the slow path,
+        which notes when it was queued (for the append latency; no clock read per append)."""
         if self.failure is not None or self.closing or self._space_waiters:
             self._limit = -1
+        elif not self._records:
+            self._limit = 0
         else:
             self._limit = self._max_pending - self._reserved
 
-    def _take(self) -> tuple[list[bytes], list[asyncio.Future[int] | None]]:
+    def _take(self) -> tuple[list[bytes], list[asyncio.Future[int] | None], int]:
         """Remove the next batch from the queue: everything, or as many whole units as fit
-        in `max_batch_bytes` (at least one)."""
+        in `max_batch_bytes` (at least one). Also gives its size as counted in the queue."""
         records, futures = self._records, self._futures
         fence = self._fence
         limit = len(records) if fence is None else fence
         if self._pending_bytes <= self._max_batch and limit == len(records):
+            total = self._pending_bytes
             self._records, self._futures = [], []
             self._pending_bytes = 0
             self._units = False
@@ -282,7 +322,9 @@ class Batcher:
             self._fence = fence - len(records)
         if self._space_waiters:
             self._grant_space()
-        return records, futures
+        elif not self._records and self._limit > 0:
+            self._limit = 0  # as `_set_limit` would
+        return records, futures, total
 
     def _start(self) -> None:
         """Send the next batch soon, or after `max_batch_delay` if one is set."""
@@ -299,15 +341,18 @@ class Batcher:
         if self.failure is not None or not self._records or self._fence == 0:
             self._idle = len(self._flight) < _PIPELINE
             return
-        units = self._units
-        records, futures = self._take()
+        units, since = self._units, self._since
+        records, futures, size = self._take()
+        taken = _clock()
+        appends = len(futures) - futures.count(None) if units else len(futures)
         # The records that share a unit with the next one: written down, so that a cut
         # (truncate_back) never splits a unit, even after a restart.
         joined = [i for i in range(len(futures) - 1) if futures[i + 1] is None] if units else ()
         first = self.next_lsn
         self.next_lsn = first + len(records)
         self.in_flight += len(records)
-        self._flight.append((first, futures))
+        nbytes = size - _RECORD_OVERHEAD * len(records)
+        self._flight.append((first, futures, appends, nbytes, since, taken))
         self._idle = len(self._flight) < _PIPELINE
         self._worker.submit(
             self._loop, self.appender.write_batch, (first, records, self._fsync, joined), self._sent
@@ -316,7 +361,7 @@ class Batcher:
     def _sent(self, _: object, exc: BaseException | None) -> None:
         """On the loop, once the I/O thread has written (and made durable) the oldest batch
         in flight."""
-        first, futures = self._flight.popleft()
+        first, futures, appends, nbytes, since, taken = self._flight.popleft()
         self.in_flight -= len(futures)
         if exc is None and self.failure is not None:  # the log broke while this was in flight
             exc = self.failure
@@ -337,10 +382,15 @@ class Batcher:
             self.acked_lsn = first + len(futures) - 1
             if self._fsync:
                 self.synced_lsn = self.acked_lsn
+            self.appends += appends
+            self.records += len(futures)
+            self.appended_bytes += nbytes
+            self.batches += 1
+            self.batch_records.add(len(futures))
             if self._on_rotate is not None and self.appender.rotations != self._rotations:
                 self._rotations = self.appender.rotations
                 self._on_rotate()
-            self._resolve(futures, first, 0)
+            self._resolve(futures, first, 0, since, taken)
             if self._watchers and self._fsync:  # after the first appenders: they send next
                 self._wake_watchers()
             if self._sync_waiters:
@@ -352,26 +402,54 @@ class Batcher:
                 self._idle = True
         self._check_drained()
 
-    def _resolve(self, futures: list[asyncio.Future[int] | None], first: int, start: int) -> None:
+    def _resolve(
+        self,
+        futures: list[asyncio.Future[int] | None],
+        first: int,
+        start: int,
+        since: float,
+        taken: float,
+    ) -> None:
         """Give acknowledged appenders their LSNs, `_CHUNK` appenders per loop pass.
 
         The appenders of one chunk run (and append again) before the next chunk is resolved,
         and their records go out as a batch of their own: the loop's work on the rest then
         overlaps that batch's write and fdatasync instead of waiting for it.
         """
+        now = _clock()
         lsn = first + start
         woken = 0
+        rest = False
         for fut in islice(futures, start, None):
             if fut is not None:
                 if woken == _CHUNK:
-                    self._loop.call_soon(self._resolve, futures, first, lsn - first)
-                    return
+                    rest = True
+                    break
                 woken += 1
                 try:
                     fut.set_result(lsn)
                 except asyncio.InvalidStateError:  # its appender was cancelled
                     pass
             lsn += 1
+        call_soon = self._loop.call_soon
+        call_soon(self._woken, woken, since, taken, now)  # after the appenders just woken
+        if rest:
+            call_soon(self._resolve, futures, first, lsn - first, since, taken)
+
+    def _woken(self, n: int, since: float, taken: float, resolved: float) -> None:
+        """Count the latency of `n` appenders woken at `resolved`, who have all resumed now.
+
+        Counted per chunk, not per append: their records were queued one after the other
+        from `since` (the batch's oldest) to `taken` (when the batch was taken), and they
+        resumed in the same order from `resolved` to now; so the first waited
+        `resolved - since`, the last `now - taken`, and the others are counted as spread
+        evenly between the two.
+        """
+        now = _clock()
+        low, high = resolved - since, now - taken
+        if low > high:
+            low, high = high, low
+        self.append_seconds.spread(low, high, n)
 
     def _check_drained(self) -> None:
         if (
@@ -497,10 +575,20 @@ class Batcher:
         err.__cause__ = self.failure
         return err
 
-    def _fail(self, exc: BaseException, batch: list[asyncio.Future[int] | None]) -> None:
+    def _fail(
+        self, exc: BaseException, batch: list[asyncio.Future[int] | None], log: bool = True
+    ) -> None:
         """Fail the log for good: this batch, everything queued and every waiter."""
         if self.failure is None:
             self.failure = exc
+            if log:
+                _log.error(
+                    "%s: the log is broken and refuses appends from now on (reopen it to "
+                    "recover every acknowledged record): %r",
+                    self.appender.store.path,
+                    exc,
+                    exc_info=exc,
+                )
         waiting: list[asyncio.Future[int] | None] | list[asyncio.Future[None]]
         for waiting in (
             batch,
@@ -557,7 +645,7 @@ class Batcher:
     def _abandon(self) -> None:
         if self._ticker is not None:
             self._ticker.cancel()
-        self._fail(ClosedError("the log was garbage-collected without close()"), [])
+        self._fail(ClosedError("the log was garbage-collected without close()"), [], log=False)
 
     def __repr__(self) -> str:
         state = "broken" if self.failure else "closing" if self.closing else "open"

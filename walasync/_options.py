@@ -45,6 +45,7 @@ class Options:
     retention_age: float | None = None
     compression: str | None = None
     compression_level: int = 1
+    slow_sync_warning: float | None = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "durability", Durability(self.durability))
@@ -62,6 +63,11 @@ class Options:
                 raise ValueError(f"{name} must be a number >= 0, not {value!r}")
         if self.sync_interval == 0:
             raise ValueError("sync_interval must be > 0")
+        slow = self.slow_sync_warning
+        if slow is not None and (
+            not isinstance(slow, (int, float)) or isinstance(slow, bool) or not slow >= 0
+        ):
+            raise ValueError(f"slow_sync_warning must be a number >= 0 or None, not {slow!r}")
         for name in ("retention_bytes", "retention_age"):
             value = getattr(self, name)
             if value is not None and (

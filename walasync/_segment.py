@@ -346,8 +346,9 @@ def scan_tail(
     return Tail(end, scan.next_lsn, index, scan.end == "sealed", junk, corrupt)
 
 
-def repair_tail(io: FileIO, fd: int, path: str, tail: Tail) -> None:
+def repair_tail(io: FileIO, fd: int, path: str, tail: Tail) -> bool:
     """Zero a torn tail, so that a later crash cannot mistake its bytes for new ones.
+    Returns whether there was one.
 
     Raises:
         CorruptionError: a valid batch lies beyond invalid bytes (acknowledged data lost).
@@ -362,6 +363,8 @@ def repair_tail(io: FileIO, fd: int, path: str, tail: Tail) -> None:
     if tail.junk > tail.end and not tail.sealed:
         io.zero_fill(fd, tail.end, tail.junk)
         io.fdatasync(fd)
+        return True
+    return False
 
 
 def _stale_start(io: FileIO, fd: int, start: int, stop: int, first_lsn: int) -> int:

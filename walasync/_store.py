@@ -44,6 +44,7 @@ class LastSegment:
     index: seg.Index
     recycled: bool = False  # the file was an older segment's: no zeros needed ahead
     version: int = fmt.FORMAT_VERSION  # of its header: ZSTD_VERSION may hold compressed batches
+    size: int = 0  # of the file, preallocated room included
 
 
 class SegmentInfo(NamedTuple):
@@ -75,6 +76,11 @@ class Store:
         # The index of each segment that has one known: the last segment's (kept by the
         # writer as it writes), and those of sealed segments read so far.
         self.indexes: dict[int, seg.Index] = {}
+        # The file size of each segment but the last, and their total, for `Wal.stats()`:
+        # those sealed by this writer as they are; the others once `measure` has read them.
+        # Changed on the I/O thread only.
+        self.sealed_sizes: dict[int, int] = {}
+        self.sealed_bytes = 0
         self.cuts: list[int] = []  # the first LSN each truncate_back removed, in order
         self.readonly = False
         self._tail: LastSegment | None = None  # (read-only) the last segment as last seen
@@ -231,8 +237,29 @@ class Store:
         """The oldest LSN a reader may ask for (records below were truncated)."""
         return self.meta.first_lsn
 
-    def add(self, first_lsn: int, index: seg.Index) -> None:
-        """A new last segment starting at `first_lsn` exists; the writer keeps `index`."""
+    def stat_sealed(self, segments: tuple[int, ...]) -> dict[int, int]:
+        """The file sizes of `segments` (those still there); reads only, on any thread."""
+        sizes = {}
+        for first in segments:
+            with contextlib.suppress(FileNotFoundError):
+                sizes[first] = self.io.stat(self.segment_path(first))[0]
+        return sizes
+
+    def measured(self, sizes: dict[int, int]) -> None:
+        """Take the sizes `stat_sealed` read (on the I/O thread): of the segments that are
+        still sealed ones and whose size is not known yet (truncation and rotation may have
+        run in between)."""
+        sealed = set(self.segments[:-1])
+        for first, size in sizes.items():
+            if first in sealed and first not in self.sealed_sizes:
+                self.sealed_sizes[first] = size
+                self.sealed_bytes += size
+
+    def add(self, first_lsn: int, index: seg.Index, sealed_size: int) -> None:
+        """A new last segment starting at `first_lsn` exists; the writer keeps `index`; the
+        segment before it was sealed, `sealed_size` bytes long."""
+        self.sealed_sizes[self.segments[-1]] = sealed_size
+        self.sealed_bytes += sealed_size
         self.indexes[first_lsn] = index
         self.segments = (*self.segments, first_lsn)
 
@@ -320,6 +347,7 @@ class Store:
         gone = list(segments[:keep])
         for first in gone:
             self.indexes.pop(first, None)
+            self.sealed_bytes -= self.sealed_sizes.pop(first, 0)
             try:
                 if self.recycle(self.segment_path(first)):
                     continue
@@ -395,9 +423,11 @@ class Store:
         first = self.segments[keep]
         for gone in reversed(self.segments[keep + 1 :]):
             self.indexes.pop(gone, None)
+            self.sealed_bytes -= self.sealed_sizes.pop(gone, 0)
             with contextlib.suppress(FileNotFoundError):
                 io.unlink(self.segment_path(gone))
         self.segments = self.segments[: keep + 1]
+        self.sealed_bytes -= self.sealed_sizes.pop(first, 0)  # the last segment from now on
         io.fsync_dir(self.path)
         self.indexes.pop(first, None)  # rebuilt by the recovery of what is now the last
         fd = io.open(self.segment_path(first))
@@ -457,13 +487,23 @@ class Store:
                 if self._drop_if_unsealed_successor(tail):
                     expected = last
                 else:
-                    seg.repair_tail(io, fd, path, tail)
+                    if seg.repair_tail(io, fd, path, tail):
+                        _log.warning(
+                            "%s: cut a torn tail at offset %d (%d bytes): the last write "
+                            "before the writer stopped did not complete; the log goes on "
+                            "from LSN %d",
+                            path,
+                            tail.end,
+                            tail.junk - tail.end,
+                            tail.next_lsn,
+                        )
                     # A writer killed between a write and its fdatasync, or between a rename
                     # and the directory's fsync, leaves state that the page cache shows but
                     # the disk may not have. Make it durable before building on it.
                     io.fdatasync(fd)
                     io.fsync_dir(self.path)
                     self.indexes[last] = tail.index
+                    size = io.size(fd)
                     return LastSegment(
                         fd,
                         last,
@@ -473,6 +513,7 @@ class Store:
                         tail.index,
                         recycled,
                         header.version,
+                        size,
                     )
             except BaseException:
                 io.close(fd)
@@ -518,7 +559,14 @@ class Store:
         self.segments = (first_lsn,)
         self.indexes[first_lsn] = index = seg.Index()
         return LastSegment(
-            fd, first_lsn, salt, fmt.SEGMENT_HEADER, first_lsn, index, version=version
+            fd,
+            first_lsn,
+            salt,
+            fmt.SEGMENT_HEADER,
+            first_lsn,
+            index,
+            version=version,
+            size=segment_size,
         )
 
     def new_version(self) -> int:

@@ -25,6 +25,7 @@ from ._opener import Opener
 from ._options import Durability, Options
 from ._reader import Batch, Record, follow_batches, follow_records, read_batches, read_records
 from ._readonly import ReadOnlyWal, open_readonly
+from ._stats import Stats
 from ._store import LastSegment, SegmentInfo, Store
 from ._worker import Worker
 from .errors import BrokenLogError, ClosedError, TruncatedError, WalError, map_os_error
@@ -113,6 +114,10 @@ class Wal:
             store, last, worker, options, self._retain_soon if retains else None
         )
         self._retainer: asyncio.Task[None] | None = None
+        # The sizes of the segments sealed before open, read in the background (for stats).
+        self._measurer: asyncio.Task[None] | None = None
+        if len(store.segments) > 1:
+            self._measurer = asyncio.ensure_future(self._measure())
         self._put = self._batcher.put  # bound once: `append` is the hot path
         self._closer: asyncio.Future[None] | None = None
         self._closed = False
@@ -149,6 +154,51 @@ class Wal:
     def closed(self) -> bool:
         """True once `close()` has begun."""
         return self._closer is not None
+
+    async def _measure(self) -> None:
+        """Read the sizes of the segments sealed before open, one `stat` each, in the
+        executor (so that neither open, nor the loop, nor the I/O thread waits for them),
+        then hand them to the store on the I/O thread, which alone changes them."""
+        store = self._store
+        loop = asyncio.get_running_loop()
+        try:
+            sizes = await loop.run_in_executor(None, store.stat_sealed, store.segments[:-1])
+            await self._worker.run(store.measured, sizes)
+        except OSError as exc:  # only the stats lack them
+            _log.warning("could not read the sizes of %s's segments: %s", self.path, exc)
+
+    def stats(self) -> Stats:
+        """A snapshot of the log's counters, histograms and state (see `walasync.Stats`).
+
+        Cheap (no system call, no lock: counters are kept per batch) and callable from any
+        thread, such as a metrics scraper's, and after `close()`. Its fields are read one
+        after the other while the log runs, so they may be up to a batch apart.
+        """
+        b = self._batcher
+        a = b.appender
+        store = self._store
+        return Stats(
+            path=store.path,
+            appends=b.appends,
+            records=b.records,
+            appended_bytes=b.appended_bytes,
+            batches=b.batches,
+            batch_records=b.batch_records.snapshot(),
+            append_seconds=b.append_seconds.snapshot(),
+            sync_seconds=a.sync_seconds.snapshot(),
+            slow_syncs=a.slow_syncs,
+            pending_records=b.pending,
+            pending_bytes=b.pending_bytes,
+            in_flight_records=b.in_flight,
+            waiting_appenders=b.waiting,
+            segments=len(store.segments),
+            disk_bytes=store.sealed_bytes + max(a.alloc, a.end),
+            first_lsn=store.meta.first_lsn,
+            last_lsn=b.acked_lsn,
+            synced_lsn=b.synced_lsn,
+            closed=self.closed,
+            failure=b.failure,
+        )
 
     async def append(self, data: Buffer) -> int:
         """Append one record and return its LSN once it is acknowledged (durable by default).
@@ -362,9 +412,10 @@ class Wal:
         await asyncio.shield(self._closer)
 
     async def _close(self) -> None:
-        if self._retainer is not None:
-            self._retainer.cancel()
-            await asyncio.wait([self._retainer])
+        for task in (self._retainer, self._measurer):
+            if task is not None:
+                task.cancel()
+                await asyncio.wait([task])
         try:
             await self._batcher.close()
         finally:
@@ -448,6 +499,7 @@ def open(
     sync_interval: float = Options.sync_interval,
     retention_bytes: int | None = None,
     retention_age: float | None = None,
+    slow_sync_warning: float | None = Options.slow_sync_warning,
     on_segment_drop: DropHook | None = None,
     first_lsn: int | None = None,
     compression: Literal["zstd"] | None = None,
@@ -480,6 +532,7 @@ def open(
     sync_interval: float = Options.sync_interval,
     retention_bytes: int | None = None,
     retention_age: float | None = None,
+    slow_sync_warning: float | None = Options.slow_sync_warning,
     on_segment_drop: DropHook | None = None,
     first_lsn: int | None = None,
     poll_interval: float = 0.05,
@@ -527,6 +580,7 @@ def open(
         retention_age=retention_age,
         compression=compression,
         compression_level=compression_level,
+        slow_sync_warning=slow_sync_warning,
     )
     if first_lsn is not None and (not isinstance(first_lsn, int) or not 1 <= first_lsn <= 1 << 63):
         raise ValueError(f"first_lsn must be an int from 1 to 2**63, not {first_lsn!r}")
