@@ -34,6 +34,7 @@ from walasync._keyed import (
 from walasync.testing import SimulatedDisk
 
 Key = bytes | str
+LOG_ID = bytes(range(16))
 State = dict[Key, list[tuple[int, bytes]]]
 
 
@@ -152,9 +153,9 @@ def test_snapshot_round_trip_keeps_lsns_from_first_to_upto(
     index: dict[Key, list[int]], first: int
 ) -> None:
     upto = 400
-    data = encode_snapshot(as_index(index).items(), 1, upto, (7, 9))
+    data = encode_snapshot(as_index(index).items(), 1, upto, (LOG_ID, 7, 9))
     lsn, fingerprint, back = decode_snapshot(data, first)
-    assert (lsn, fingerprint) == (upto, (7, 9))
+    assert (lsn, fingerprint) == (upto, (LOG_ID, 7, 9))
     want = {k: [n for n in v if first <= n <= upto] for k, v in index.items()}
     assert as_lists(back) == {k: v for k, v in want.items() if v}
 
@@ -162,7 +163,7 @@ def test_snapshot_round_trip_keeps_lsns_from_first_to_upto(
 @settings(max_examples=60, deadline=None)
 @given(index=indexes, data=st.data())
 def test_a_damaged_snapshot_is_always_detected(index: dict[Key, list[int]], data: Any) -> None:
-    blob = encode_snapshot(as_index(index).items(), 1, 500, (1, 2))
+    blob = encode_snapshot(as_index(index).items(), 1, 500, (LOG_ID, 1, 2))
     bit = data.draw(st.integers(0, len(blob) * 8 - 1))
     damaged = bytearray(blob)
     damaged[bit // 8] ^= 1 << (bit % 8)
@@ -337,7 +338,9 @@ async def test_a_failing_snapshot_is_retried_only_after_as_many_records(
     assert "writing the key index snapshot failed" in caplog.text
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "other log", "ahead", "empty"])
+@pytest.mark.parametrize(
+    "damage", ["flip", "truncate", "empty", "other log", "ahead", "cut and regrown"]
+)
 async def test_a_bad_snapshot_is_ignored_and_deleted(
     tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -346,8 +349,7 @@ async def test_a_bad_snapshot_is_ignored_and_deleted(
         for i in range(60):
             await kv.append(f"k{i % 9}", b"%d" % i)
         await kv.snapshot()
-        want = await check(kv)
-        await kv.wal.close()
+        await kv.wal.close()  # no snapshot at close
     snap = log / INDEX_NAME
     data = snap.read_bytes()
     if damage == "flip":
@@ -356,16 +358,22 @@ async def test_a_bad_snapshot_is_ignored_and_deleted(
         snap.write_bytes(data[:-3])
     elif damage == "empty":
         snap.write_bytes(b"")
-    else:  # a snapshot that is valid, but of another log or of more records than this one has
+    elif damage == "other log":  # valid, of a log with the very same records
         async with walasync.open_keyed(other) as kv:
-            for i in range(60 if damage == "other log" else 70):
-                await kv.append(f"k{i % 9}", b"other %d" % i)
+            for i in range(60):
+                await kv.append(f"k{i % 9}", b"%d" % i)
         shutil.copy(other / INDEX_NAME, snap)
+    else:  # this log, cut back under the snapshot (around the keyed view), maybe regrown
+        async with walasync.open(log) as wal:
+            await wal.truncate_back(50)
+            if damage == "cut and regrown":
+                for i in range(15):
+                    await wal.append(encode_record(f"k{i % 4}", b"new %d" % i))
     with caplog.at_level(logging.WARNING, "walasync"):
         async with walasync.open_keyed(log) as kv:
-            assert (kv.snapshot_lsn, kv.replayed) == (0, 60)
+            assert (kv.snapshot_lsn, kv.replayed) == (0, kv.last_lsn)
             assert not snap.exists()  # a stale snapshot must not outlive this opening
-            assert await check(kv) == want
+            await check(kv)
     assert "ignoring the key index snapshot" in caplog.text
 
 
@@ -527,7 +535,7 @@ def test_memory_of_a_key_with_one_record_is_one_int() -> None:
     from array import array
 
     back = decode_snapshot(
-        encode_snapshot(as_index({b"a": [1], b"b": [2, 3]}).items(), 1, 9, (0, 0))
+        encode_snapshot(as_index({b"a": [1], b"b": [2, 3]}).items(), 1, 9, (LOG_ID, 0, 0))
     )
     index = back[2]
     assert type(index[b"a"]) is int and type(index[b"b"]) is array

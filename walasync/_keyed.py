@@ -38,7 +38,7 @@ import struct
 import sys
 from array import array
 from bisect import bisect_left, bisect_right
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 from itertools import accumulate, pairwise
 from types import TracebackType
 from typing import Any, NamedTuple, TypeAlias, TypeVar
@@ -90,9 +90,10 @@ INDEX_NAME = "KEYINDEX"
 _INDEX_TMP = "KEYINDEX.tmp"
 _SNAP_MAGIC = b"WALAKIDX"
 _SNAP_VERSION = 1
-_SNAP_HEAD = struct.Struct("<8sHHIQIIQQ")
+_SNAP_HEAD = struct.Struct("<8sHHI16sQIIQQ")
 _SNAP_CRC = struct.Struct("<I")
-assert _SNAP_HEAD.size == 48
+assert _SNAP_HEAD.size == 64
+Stamp: TypeAlias = "tuple[bytes, int, int]"  # (log id, CRC32C of the record at S, its length)
 
 
 class KeyedRecord(NamedTuple):
@@ -201,23 +202,25 @@ class SnapshotError(Exception):
 
 
 def encode_snapshot(
-    items: Iterable[tuple[Key, Lsns]], first: int, upto: int, fingerprint: tuple[int, int]
+    items: Iterable[tuple[Key, Lsns]], first: int, upto: int, stamp: Stamp
 ) -> bytes:
     """The bytes of KEYINDEX for the index entries `items`, keeping the LSNs from `first` to
-    `upto` (the LSN it covers); `fingerprint` is (CRC32C, length) of the record at `upto`.
+    `upto` (the LSN it covers); `stamp` is (the log's id, CRC32C and length of the record
+    at `upto`): what tells at open that the snapshot is of this log as it is.
 
         0   8  magic "WALAKIDX"
         8  u16 version (1)          10 u16 flags (0)          12 u32 reserved (0)
-       16  u64 LSN covered: every record up to it is in the index
-       24  u32 CRC32C of the record at that LSN    28 u32 its length
-       32  u64 K keys                               40 u64 M LSNs
-       48  K u8 key flags (1: str), K u16 key lengths, K u32 LSN counts,
+       16  16  the log's id (`Wal.log_id`)
+       32  u64 LSN covered: every record up to it is in the index
+       40  u32 CRC32C of the record at that LSN    44 u32 its length
+       48  u64 K keys                               56 u64 M LSNs
+       64  K u8 key flags (1: str), K u16 key lengths, K u32 LSN counts,
            the keys' bytes, M u64 LSNs (each key's, ascending, in key order)
       end  u32 CRC32C of everything before
     """
     builder = _Builder(first, upto)
     builder.add(items)
-    return builder.finish(fingerprint)
+    return builder.finish(stamp)
 
 
 class _Builder:
@@ -256,7 +259,7 @@ class _Builder:
             self.sizes.append(len(raw))
             self.counts.append(n)
 
-    def finish(self, fingerprint: tuple[int, int]) -> bytes:
+    def finish(self, stamp: Stamp) -> bytes:
         arrays = [self.sizes, self.counts, self.lsns]
         if sys.byteorder == "big":  # pragma: no cover - the format is little-endian
             arrays = [array(a.typecode, a) for a in arrays]
@@ -268,8 +271,10 @@ class _Builder:
             _SNAP_VERSION,
             0,
             0,
+            stamp[0],
             self.upto,
-            *fingerprint,
+            stamp[1],
+            stamp[2],
             len(self.keys),
             len(self.lsns),
         )
@@ -279,15 +284,15 @@ class _Builder:
         return body + _SNAP_CRC.pack(crc32c(body))
 
 
-def decode_snapshot(data: bytes, first: int = 1) -> tuple[int, tuple[int, int], dict[Key, Lsns]]:
-    """(LSN covered, fingerprint, index) of a KEYINDEX, keeping LSNs from `first` on.
+def decode_snapshot(data: bytes, first: int = 1) -> tuple[int, Stamp, dict[Key, Lsns]]:
+    """(LSN covered, stamp, index) of a KEYINDEX, keeping LSNs from `first` on.
 
     Raises:
         SnapshotError: it is damaged, or not a keyed index snapshot of this version.
     """
     if len(data) < _SNAP_HEAD.size + _SNAP_CRC.size:
         raise SnapshotError("KEYINDEX is incomplete")
-    magic, version, _flags, _r, upto, fcrc, flen, nkeys, nlsns = _SNAP_HEAD.unpack_from(data)
+    magic, version, _f, _r, log_id, upto, fcrc, flen, nkeys, nlsns = _SNAP_HEAD.unpack_from(data)
     if magic != _SNAP_MAGIC:
         raise SnapshotError("KEYINDEX is not a keyed index snapshot (bad magic)")
     (crc,) = _SNAP_CRC.unpack_from(data, len(data) - _SNAP_CRC.size)
@@ -348,7 +353,7 @@ def decode_snapshot(data: bytes, first: int = 1) -> tuple[int, tuple[int, int], 
                 del index[key]
             else:
                 index[key] = live
-    return upto, (fcrc, flen), index
+    return upto, (log_id, fcrc, flen), index
 
 
 def _live(v: Lsns | None, first: int) -> Lsns | None:
@@ -693,7 +698,7 @@ class KeyedLog:
                 raise TruncatedError(f"the latest record of {k!r}, LSN {lsn}, is gone")
             failed = lsn
 
-    def records_for(self, key: Key) -> AsyncIterator[KeyedRecord]:
+    def records_for(self, key: Key) -> AsyncGenerator[KeyedRecord, None]:
         """Async iterator of `key`'s records in LSN order: those in the index when called
         (appended since its last delete, at or above `first_lsn`). Records that a
         truncation removes while it runs are skipped (a `truncate_back` ends it at the
@@ -737,7 +742,7 @@ class KeyedLog:
             if start > end:
                 return
             try:
-                async with contextlib.aclosing(wal.read(start, end)) as records:  # type: ignore[type-var]
+                async with contextlib.aclosing(wal.read(start, end)) as records:
                     async for rec in records:
                         start = rec.lsn + 1
                         yield rec
@@ -748,7 +753,7 @@ class KeyedLog:
 
     def read(
         self, start: int | None = None, end: int | None = None, *, follow: bool = False
-    ) -> AsyncIterator[KeyedRecord]:
+    ) -> AsyncGenerator[KeyedRecord, None]:
         """`Wal.read`, decoded: every record (deletes too, with value None) from `start` to
         `end`, or following the log with `follow=True`.
 
@@ -756,16 +761,14 @@ class KeyedLog:
         """
         return self._decoded(self._wal.read(start, end, follow=follow))
 
-    async def _decoded(self, records: AsyncIterator[Record]) -> AsyncGenerator[KeyedRecord, None]:
+    async def _decoded(
+        self, records: AsyncGenerator[Record, None]
+    ) -> AsyncGenerator[KeyedRecord, None]:
         path = self.path
-        try:
+        async with contextlib.aclosing(records):
             async for lsn, data in records:
                 key, value = decode_record(data, lsn, path)
                 yield KeyedRecord(lsn, key, value)
-        finally:
-            aclose: Callable[[], Any] | None = getattr(records, "aclose", None)
-            if aclose is not None:
-                await aclose()
 
     # -- keeping the index in step with the log -----------------------------------------------
 
@@ -840,17 +843,19 @@ class KeyedLog:
             if data is not None:
                 why = ""
                 try:
-                    upto, fingerprint, index = await asyncio.get_running_loop().run_in_executor(
+                    upto, stamp, index = await asyncio.get_running_loop().run_in_executor(
                         None, decode_snapshot, data, wal.first_lsn
                     )
                 except SnapshotError as exc:
                     why = str(exc)
                 else:
-                    if upto < wal.first_lsn:
+                    if upto < wal.first_lsn and stamp[0] == wal.log_id:
                         index = {}  # all of it truncated: nothing to check, nothing lost
-                    elif await self._fingerprint(upto) != fingerprint:  # None past the end
+                    elif await self._stamp(upto) != stamp:  # None past the end
                         why = (
-                            f"it covers LSN {upto}, past the log's last ({wal.last_lsn})"
+                            "it is of another log"
+                            if stamp[0] != wal.log_id
+                            else f"it covers LSN {upto}, past the log's last ({wal.last_lsn})"
                             if upto > wal.last_lsn
                             else f"the record at LSN {upto} is not the one it was taken after"
                         )
@@ -875,7 +880,7 @@ class KeyedLog:
             if start > end:
                 return done
             try:
-                async with contextlib.aclosing(wal.read(start, end)) as records:  # type: ignore[type-var]
+                async with contextlib.aclosing(wal.read(start, end)) as records:
                     async for lsn, data in records:
                         start = lsn + 1
                         done += 1
@@ -918,11 +923,11 @@ class KeyedLog:
             lsns = sum(1 if isinstance(v, int) else len(v) for v in self._map.values())
             self._snap_at = max(self._every, lsns)
 
-    async def _fingerprint(self, lsn: int) -> tuple[int, int] | None:
-        """(CRC32C, length) of the record at `lsn`; None if it is gone."""
+    async def _stamp(self, lsn: int) -> Stamp | None:
+        """(log id, CRC32C, length) of the record at `lsn`; None if it is gone."""
         async with contextlib.aclosing(self._records(lsn, lsn)) as records:
             async for _lsn, data in records:
-                return crc32c(data), len(data)
+                return self._wal.log_id, crc32c(data), len(data)
         return None
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -1011,10 +1016,10 @@ class KeyedLog:
         for i in range(0, len(items), _CHUNK):
             builder.add(items[i : i + _CHUNK])
             await asyncio.sleep(0)
-        fingerprint = await self._fingerprint(upto)
-        if fingerprint is None:  # truncated meanwhile: next time
+        stamp = await self._stamp(upto)
+        if stamp is None:  # truncated meanwhile: next time
             return self._snap_lsn
-        data = builder.finish(fingerprint)
+        data = builder.finish(stamp)
         if self._wal.synced_lsn < upto:
             await self._wal.sync()
         await self._run(
