@@ -28,7 +28,15 @@ import walasync
 
 ROOT = Path(walasync.__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
-NAMES = ["crash_testing", "group_commit", "job_queue", "kv_store", "quickstart"]
+NAMES = [
+    "crash_testing",
+    "event_sourcing",
+    "group_commit",
+    "job_queue",
+    "kv_store",
+    "quickstart",
+    "tcp_service",
+]
 
 
 @cache
@@ -241,3 +249,55 @@ async def test_crash_testing(
     )
     assert found, out
     assert int(found.group(1)) > 30  # at least one image per transfer
+
+
+async def test_event_sourcing_projections_agree(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest
+) -> None:
+    first = await run_main("event_sourcing", capsys, request, tmp_path / "events")
+    assert first.startswith("live projection caught up with 0 earlier events: {}\n")
+    assert "opened alice\nopened bob\nopened carol\n" in first
+    assert "withdraw 500 from carol: rejected\n" in first
+    assert "transfer 30 alice -> carol: done\nwithdraw 20 from carol: done\n" in first
+    assert "events in the log: 17\n" in first
+    assert "  alice: 70 (3 events)\n  bob: 50 (11 events)\n  carol: 10 (3 events)\n" in first
+    assert first.endswith("live projection == rebuilt projection: True\n")
+
+    second = await run_main("event_sourcing", capsys, request, tmp_path / "events")
+    assert second.startswith(
+        "live projection caught up with 17 earlier events: {'alice': 70, 'bob': 50, 'carol': 10}\n"
+    )
+    assert "opened" not in second
+    assert "  alice: 140 (5 events)\n  bob: 100 (21 events)\n  carol: 20 (5 events)\n" in second
+    assert second.endswith("live projection == rebuilt projection: True\n")
+
+
+async def test_tcp_service_acknowledges_only_what_is_in_the_log(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest
+) -> None:
+    """Server and load client on this test's loop: every acknowledged request is in the log."""
+    capsys.readouterr()
+    acked = await example("tcp_service").in_process(str(tmp_path / "log"), 64, 0.3)
+    out, err = capsys.readouterr()
+    assert not err, err
+    assert re.search(r"^64 connections: [\d,]+ requests acknowledged in [\d.]+ s, ", out, re.M)
+    assert len(acked) > 64
+    async with walasync.open_keyed(tmp_path / "log") as kv:
+        assert all(kv.latest_lsn(key) is not None for key in acked)
+        assert len(kv) == kv.last_lsn >= len(acked)  # each request one record, one key
+
+
+async def test_tcp_service_survives_kill_9_of_the_server(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest
+) -> None:
+    """A server process killed with SIGKILL under load keeps every request it acknowledged."""
+    capsys.readouterr()
+    result = await example("tcp_service").crash(str(tmp_path / "log"), 64, 0.2)
+    out, err = capsys.readouterr()
+    assert not err, err
+    assert result["acked"] >= 500, result  # killed once 500 were acknowledged: mid-load
+    assert result["missing"] == result["unknown"] == 0, result
+    assert "acknowledged but missing: 0;" in out
+    async with walasync.open_keyed(tmp_path / "log") as kv:  # the restarted server closed it
+        assert kv.replayed == 0  # its close wrote the index snapshot
+        assert len(kv) == kv.last_lsn == result["in_log"]

@@ -10,6 +10,9 @@ from ._inspect import LogInfo as LogInfo
 from ._inspect import SegmentState as SegmentState
 from ._inspect import describe as describe
 from ._io import FileIO as FileIO
+from ._keyed import KeyedLog as KeyedLog
+from ._keyed import KeyedRecord as KeyedRecord
+from ._keyed import open_keyed as open_keyed
 from ._opener import Opener as Opener
 from ._options import Durability as Durability
 from ._options import Options as Options
@@ -35,6 +38,7 @@ from .errors import ClosedError as ClosedError
 from .errors import CorruptionError as CorruptionError
 from .errors import DiskFullError as DiskFullError
 from .errors import LockedError as LockedError
+from .errors import MalformedRecordError as MalformedRecordError
 from .errors import NotALogError as NotALogError
 from .errors import NothingToUndoError as NothingToUndoError
 from .errors import RecordTooLargeError as RecordTooLargeError
@@ -56,8 +60,11 @@ __all__ = (
     "FileIO",
     "Histogram",
     "JSONSerializer",
+    "KeyedLog",
+    "KeyedRecord",
     "LockedError",
     "LogInfo",
+    "MalformedRecordError",
     "NotALogError",
     "NothingToUndoError",
     "Opener",
@@ -80,6 +87,7 @@ __all__ = (
     "WrongLoopError",
     "describe",
     "open",
+    "open_keyed",
     "repair",
     "verify",
 )
@@ -91,6 +99,8 @@ for _name in (
     "JSONSerializer",
     "LogInfo",
     "Histogram",
+    "KeyedLog",
+    "KeyedRecord",
     "Opener",
     "Options",
     "Problem",

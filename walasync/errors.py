@@ -11,6 +11,7 @@ __all__ = (
     "CorruptionError",
     "DiskFullError",
     "LockedError",
+    "MalformedRecordError",
     "NotALogError",
     "NothingToUndoError",
     "RecordTooLargeError",
@@ -81,6 +82,27 @@ class CorruptionError(WalError):
 class NotALogError(CorruptionError):
     """A directory that should hold a log holds none: no segment file and no `META`
     (`.path` is the directory, `.offset` 0)."""
+
+
+class MalformedRecordError(CorruptionError):
+    """A record of a keyed log (`walasync.KeyedLog`) is not a valid keyed record.
+
+    Attributes:
+        path: the log's directory.
+        lsn: the record's LSN.
+        offset: -1 (the record is named by its LSN; the layer above the log does not know
+            where in which segment it lies).
+    """
+
+    def __init__(self, path: str, lsn: int, reason: str) -> None:
+        WalError.__init__(self, f"{path}: LSN {lsn}: {reason}")
+        self.path = path
+        self.offset = -1
+        self.lsn = lsn
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type[CorruptionError], tuple[str, int, str]]:
+        return (type(self), (self.path, self.lsn, self.reason))
 
 
 class TruncatedError(WalError):
