@@ -2,7 +2,7 @@
 
 Usage: python tests/_writer.py DIR RUN [--loop asyncio|uvloop] [--durability MODE]
                                [--writers N] [--readers N] [--truncate] [--retention BYTES]
-                               [--truncate-back]
+                               [--truncate-back [--die-in-cut STEP]]
 
 `RUN` (an int) names this process's run: it seeds the options and is part of every record,
 so records of different runs never look alike. Each of the N appender coroutines (default
@@ -10,8 +10,8 @@ so records of different runs never look alike. Each of the N appender coroutines
 records (`append_many`), and both its length and its records' content are functions of
 (run, writer, seq) alone, so a test can recompute them; a writer's seqs never repeat, so
 a record names the append that wrote it (unless it is cut short inside its header), and an
-LSN that `truncate_back` freed and a later append took again holds other bytes. Protocol on stdout, one line per
-event, flushed as it is written:
+LSN that `truncate_back` freed and a later append took again holds other bytes. Protocol
+on stdout, one line per event, flushed as it is written:
 
     open FIRST_LSN LAST_LSN   once, right after the log is open, before any append
     + WRITER SEQ K            before a unit of K records (seqs SEQ..SEQ+K-1) is appended
@@ -42,17 +42,25 @@ acknowledged (mostly a few records below `last_lsn`, now and then deeper, everyt
 (`first_lsn - 1`) or nothing (`last_lsn`)). Appends queued before the call are written and
 acknowledged before the cut (their acknowledgement lines come before `B LSN`), appends
 made while it runs follow it (theirs come after): so the pipe orders every
-acknowledgement before or after each cut, as it happened. Any error exits with a
-traceback on stderr; a healthy writer prints nothing on stderr and never exits by itself.
+acknowledgement before or after each cut, as it happened. With `--die-in-cut STEP`, the
+writer SIGKILLs itself just before the STEP-th call that changes a file (write, fdatasync,
+unlink, rename...) that its I/O thread makes in its third `truncate_back` (or once that
+returned): a kill -9 at an exact step of the cut, where a timed kill rarely lands. Any
+error exits with a traceback on stderr; a healthy writer prints nothing on stderr and
+never exits by itself (but for --die-in-cut).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
+import os
 import random
+import signal
 import sys
-from collections.abc import Awaitable, Callable
+import threading
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import walasync
@@ -115,6 +123,64 @@ def check_record(data: bytes) -> None:
 # TruncatedError. Tolerated (only while a cut may have run
 # since the read began) until it is fixed; then set this to False.
 CUT_READ_BUG = True
+
+
+class DyingIO(walasync.FileIO):
+    """FileIO that SIGKILLs its process before the `countdown`-th call that changes a file
+    (counting the outermost call only: `write_durable` writes and syncs) made by a
+    `truncate_back` on the log's I/O thread, once `countdown` is set."""
+
+    countdown: int | None = None
+    _depth = 0  # calls of these methods running on the I/O thread (nested: write_durable)
+
+    def _step(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread().name[:11] != "walasync-io":
+            return call(*args, **kwargs)
+        if self.countdown is not None and not self._depth:
+            frame = sys._getframe(1)
+            while frame is not None and frame.f_code.co_name != "truncate_back":
+                frame = frame.f_back  # type: ignore[assignment]
+            if frame is not None:  # the cut's own step, not a batch written before it
+                self.countdown -= 1
+                if self.countdown <= 0:
+                    os.kill(os.getpid(), signal.SIGKILL)
+        self._depth += 1
+        try:
+            return call(*args, **kwargs)
+        finally:
+            self._depth -= 1
+
+    def open(self, path: str, *, create: bool = False) -> int:
+        if create:
+            return int(self._step(super().open, path, create=True))
+        return super().open(path)
+
+    def pwritev(self, fd: int, buffers: Sequence[bytes], offset: int) -> None:
+        self._step(super().pwritev, fd, buffers, offset)
+
+    def write_durable(self, fd: int, buffers: Sequence[bytes], offset: int) -> None:
+        self._step(super().write_durable, fd, buffers, offset)
+
+    def zero_fill(self, fd: int, start: int, end: int) -> None:
+        self._step(super().zero_fill, fd, start, end)
+
+    def preallocate(self, fd: int, size: int) -> None:
+        self._step(super().preallocate, fd, size)
+
+    def fdatasync(self, fd: int) -> None:
+        self._step(super().fdatasync, fd)
+
+    def fsync_dir(self, path: str) -> None:
+        self._step(super().fsync_dir, path)
+
+    def truncate(self, fd: int, size: int) -> None:
+        self._step(super().truncate, fd, size)
+
+    def rename(self, src: str, dst: str) -> None:
+        self._step(super().rename, src, dst)
+
+    def unlink(self, path: str) -> None:
+        self._step(super().unlink, path)
 
 
 class Cuts:
@@ -279,14 +345,18 @@ def cut_point(rng: random.Random, first: int, last: int, ends: set[int]) -> int:
     return below[0] if below else last
 
 
-async def _cutter(wal: walasync.Wal, run: int, cuts: Cuts) -> None:
+async def _cutter(
+    wal: walasync.Wal, run: int, cuts: Cuts, io: DyingIO | None, die_at: int | None
+) -> None:
     """Every few milliseconds, `truncate_back` at a unit end, announced before and after
-    on stdout."""
+    on stdout; with `die_at`, the third one is the last (see --die-in-cut)."""
     rng = _rng("cut", run)
-    while True:
+    for n in itertools.count():
         await asyncio.sleep(rng.uniform(0.004, 0.03))
         lsn = cut_point(rng, wal.first_lsn, wal.last_lsn, cuts.ends)
         _emit(f"B? {lsn}\n")
+        if io is not None and n == 2:
+            io.countdown = die_at
         cuts.removed.append(lsn + 1)
         cuts.running = True
         try:
@@ -302,6 +372,8 @@ async def _cutter(wal: walasync.Wal, run: int, cuts: Cuts) -> None:
             raise AssertionError(f"truncate_back({lsn}) returned with last_lsn {wal.last_lsn}")
         cuts.cut(lsn)
         _emit(f"B {lsn}\n")
+        if io is not None and io.countdown is not None:
+            os.kill(os.getpid(), signal.SIGKILL)  # it had fewer steps than that
 
 
 def drop_hook(run: int) -> Callable[[walasync.SegmentInfo], Awaitable[bool | None]]:
@@ -324,12 +396,14 @@ async def _main(args: argparse.Namespace) -> None:
     retention: dict[str, Any] = {}
     if args.retention is not None:
         retention = {"retention_bytes": args.retention, "on_segment_drop": drop_hook(args.run)}
-    wal = await walasync.open(args.dir, **writer_options(args.run, args.durability), **retention)
+    io = DyingIO() if args.die_in_cut is not None else None
+    options = writer_options(args.run, args.durability)
+    wal = await walasync.open(args.dir, io=io, **options, **retention)
     _emit(f"open {wal.first_lsn} {wal.last_lsn}\n")
     lifecycle = [_truncator(wal, args.run, bool(retention))] if args.truncate else []
     cuts = Cuts(wal) if args.truncate_back else None
     if cuts is not None:
-        lifecycle.append(_cutter(wal, args.run, cuts))
+        lifecycle.append(_cutter(wal, args.run, cuts, io, args.die_in_cut))
     # Never returns: the first task to fail ends the process with its traceback.
     await asyncio.gather(
         *(_appender(wal, args.run, w, cuts) for w in range(args.writers)),
@@ -349,6 +423,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--truncate", action="store_true", help="truncate_front as it goes")
     parser.add_argument("--retention", type=int, metavar="BYTES", help="retention_bytes")
     parser.add_argument("--truncate-back", action="store_true", help="truncate_back as it goes")
+    parser.add_argument("--die-in-cut", type=int, metavar="STEP", help="SIGKILL in a cut")
     args = parser.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     if args.loop == "uvloop":

@@ -38,6 +38,29 @@ durably). After each kill the checks above hold from `first_lsn` on, and:
 - records of the round below `first_lsn` need not be there; above it, a record the round
   did not acknowledge may be the tail of a unit whose head was truncated.
 
+With `truncate_back` (`test_cut_log_survives_sigkill`), the writer also calls
+`truncate_back(LSN)` at acknowledged unit ends every few milliseconds, announced before
+(`B? LSN`) and after it returns (`B LSN`). The pipe orders every acknowledgement before or
+after each cut as it happened (appends queued before the call are acknowledged before it
+returns, later ones after), and a writer's (writer, seq) never repeats, so replaying the
+pipe gives which record each LSN holds at the kill: an LSN a cut freed and an append took
+again holds the new record. After each kill:
+
+- every acknowledged record that no completed cut removed since is there, byte for byte
+  (one that a cut removed and nothing re-took is at most an unacknowledged unit's record:
+  a removed record that came back fails the tiling above);
+- `last_lsn` is at least the LSN of the last completed cut (and every acknowledgement
+  after it), and records of earlier rounds at or below the lowest cut are unchanged;
+- a cut running at the kill (`B?` without `B`) happened whole or not at all: the log ends
+  at its LSN (nothing after it: only the cut explains that) or holds everything
+  acknowledged, pre-cut appends included, and is checked as that state;
+- LSNs dense, as always.
+
+Some rounds kill at a random moment after a cut began, others make the writer SIGKILL
+itself right before the n-th file-changing call of a cut (`--die-in-cut`): a timed kill
+lands in the few microseconds between deleting a segment and zeroing the cut's tail only
+by luck.
+
 Environment: WALASYNC_TORTURE_ROUNDS (default 4) rounds per test case,
 WALASYNC_TORTURE_SEED to replay a failure (the seed is in every failure message),
 WALASYNC_TORTURE_READERS (default 2) reader coroutines in the writer.
@@ -69,6 +92,8 @@ ROUNDS = int(os.environ.get("WALASYNC_TORTURE_ROUNDS", "4"))
 SEED = int(os.environ.get("WALASYNC_TORTURE_SEED") or random.SystemRandom().randrange(1 << 32))
 READERS = os.environ.get("WALASYNC_TORTURE_READERS", "2")  # in the writer, reading as it goes
 WAIT = 60.0  # seconds to wait for a writer's output before giving up on it
+CUT_ACKS = 200  # a ("cut", s) kill plan waits for a truncate_back after this many acks
+CUT_STEPS = 24  # a ("step", n) kill plan: n from 1 to this
 
 
 def subprocess_env() -> dict[str, str]:
@@ -169,6 +194,9 @@ class Run:
 
 async def run_writer(log_dir: Path, run: Run, loop_name: str, durability: str, *extra: str) -> None:
     """Start the writer of `run`, SIGKILL it as its plan says, and collect its output."""
+    kind, amount = run.plan
+    if kind == "step":
+        extra = (*extra, "--die-in-cut", str(int(amount)))
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         str(WRITER),
@@ -184,9 +212,9 @@ async def run_writer(log_dir: Path, run: Run, loop_name: str, durability: str, *
         env=subprocess_env(),
     )
     assert proc.stdout is not None and proc.stderr is not None
-    kind, amount = run.plan
     opened = asyncio.Event()
     enough_acks = asyncio.Event()
+    cutting = asyncio.Event()  # a truncate_back began after CUT_ACKS acknowledgements
 
     async def read_stdout() -> None:
         assert proc.stdout is not None
@@ -203,15 +231,23 @@ async def run_writer(log_dir: Path, run: Run, loop_name: str, durability: str, *
                     and len(run.cuts) >= cuts
                 ):
                     enough_acks.set()
+                if run.cut_pending is not None and len(run.acked) >= CUT_ACKS:
+                    cutting.set()
         finally:  # EOF (the writer is gone) or a bad line: stop waiting
             opened.set()
             enough_acks.set()
+            cutting.set()
 
     stdout = asyncio.ensure_future(read_stdout())
     stderr = asyncio.ensure_future(proc.stderr.read())
     try:
         if kind == "acks":
             await asyncio.wait_for(enough_acks.wait(), WAIT)
+        elif kind == "cut":  # a short delay after a truncate_back began
+            await asyncio.wait_for(cutting.wait(), WAIT)
+            await asyncio.wait([stdout], timeout=amount)
+        elif kind == "step":  # the writer kills itself in its third truncate_back
+            await asyncio.wait_for(asyncio.shield(stdout), WAIT)
         elif kind == "delay":
             await asyncio.wait([stdout], timeout=amount)  # wakes early if the writer dies
         else:  # "open": a short delay after the log is open
@@ -296,8 +332,8 @@ class Checker:
         # Records at or below `unsure` are as earlier rounds left them, unless a
         # truncate_back of this round cut below them (then the records above its LSN are
         # this round's); records above it may be this round's.
-        pending = run.cut_pending
-        unsure = min([known, *run.cuts, *([pending] if pending is not None else [])])
+        pending = [] if run.cut_pending is None else [run.cut_pending]
+        unsure = min([known, *run.cuts, *pending])
         new: dict[int, bytes] = {}
         async with walasync.open(self.log_dir, segment_size=writer.SEGMENT_SIZE) as wal:
             first, last = wal.first_lsn, wal.last_lsn
@@ -318,10 +354,10 @@ class Checker:
         # A truncate_back running at the kill happened whole or not at all: the log holds
         # nothing after its LSN (only the cut can explain that: everything acknowledged
         # before it is above its LSN), or everything acknowledged.
-        cut = pending is not None and last <= pending
+        cut = bool(pending) and last <= pending[0]
         if cut:
-            run.cut_back(pending)
-        base = min([known, *run.cuts, *([pending] if cut else [])])
+            run.cut_back(pending[0])
+        base = min([known, *run.cuts, *(pending if cut else [])])
         for n in range(max(first, unsure + 1), min(base, last) + 1):
             if digest(new.pop(n)) != self.digests[n - 1]:
                 self.fail(f"LSN {n}, verified in an earlier round, changed")
@@ -335,20 +371,18 @@ class Checker:
         run.end = last
         self.check_run(run, new, first, base)
         del self.digests[base:]
-        self.digests.extend(
-            digest(new[n]) if n in new else None for n in range(base + 1, last + 1)
-        )
+        self.digests.extend(digest(new[n]) if n in new else None for n in range(base + 1, last + 1))
         self.first = first
         self.acknowledged += len(run.acked)
         self.truncations += len(run.done)
         self.drops += len(run.drops)
         self.cuts += len(run.cuts)
-        self.cut_kills += pending is not None
+        self.cut_kills += bool(pending)
         print(  # shown with -s: what each round covered
             f"run {run.run} killed {run.plan}: +{last - base} records "
             f"({len(run.acked)} acknowledged), {len(run.done)}/{len(run.begun)} truncations "
             f"done, {len(run.drops)} segments dropped, {len(run.cuts)} truncate_back done"
-            f"{'' if pending is None else f' (killed in one: {cut=})'}, log {first}..{last}"
+            f"{f' (killed in one: {cut=})' if pending else ''}, log {first}..{last}"
         )
 
     def check_first(self, run: Run, first: int, last: int) -> None:
@@ -472,10 +506,16 @@ class Checker:
             )
 
 
-def kill_plan(rng: random.Random, round_no: int) -> tuple[str, float]:
-    """When to kill the writer: ("acks", n), ("delay", s) from start or ("open", s) after."""
+def kill_plan(rng: random.Random, round_no: int, cuts: bool = False) -> tuple[str, float]:
+    """When to kill the writer: ("acks", n), ("delay", s) from start, ("open", s) after,
+    or, if it calls truncate_back (`cuts`), ("cut", s) after one began or ("step", n):
+    it kills itself before the n-th step of a cut (--die-in-cut)."""
     if round_no == 0:
         return ("acks", 300)
+    if cuts and rng.random() < 0.6:
+        if rng.random() < 0.5:  # SIGKILL before the n-th step: most cuts take 17-22
+            return ("step", rng.randint(1, CUT_STEPS))
+        return ("cut", round(rng.uniform(0.0, 0.08), 3))  # a cut takes 10-100 ms (fsyncs)
     r = rng.random()
     if r < 0.5:
         return ("acks", rng.randint(1, 3000))
@@ -501,7 +541,8 @@ async def torture(
     checker = Checker(log_dir, " ".join((context, *extra)), seed=key)
     run_ids = rng.sample(range(1, 1_000_000), ROUNDS)
     for round_no, run_id in enumerate(run_ids):
-        run = Run(run_id, start=len(checker.digests), plan=kill_plan(rng, round_no))
+        plan = kill_plan(rng, round_no, "--truncate-back" in extra)
+        run = Run(run_id, start=len(checker.digests), plan=plan)
         if round_no == 0:
             run.removals = removals
         checker.context = f"{context} {' '.join(extra)}, round {round_no + 1}/{ROUNDS}"
