@@ -38,6 +38,29 @@ durably). After each kill the checks above hold from `first_lsn` on, and:
 - records of the round below `first_lsn` need not be there; above it, a record the round
   did not acknowledge may be the tail of a unit whose head was truncated.
 
+With `truncate_back` (`test_cut_log_survives_sigkill`), the writer also calls
+`truncate_back(LSN)` at acknowledged unit ends every few milliseconds, announced before
+(`B? LSN`) and after it returns (`B LSN`). The pipe orders every acknowledgement before or
+after each cut as it happened (appends queued before the call are acknowledged before it
+returns, later ones after), and a writer's (writer, seq) never repeats, so replaying the
+pipe gives which record each LSN holds at the kill: an LSN a cut freed and an append took
+again holds the new record. After each kill:
+
+- every acknowledged record that no completed cut removed since is there, byte for byte
+  (one that a cut removed and nothing re-took is at most an unacknowledged unit's record:
+  a removed record that came back fails the tiling above);
+- `last_lsn` is at least the LSN of the last completed cut (and every acknowledgement
+  after it), and records of earlier rounds at or below the lowest cut are unchanged;
+- a cut running at the kill (`B?` without `B`) happened whole or not at all: the log ends
+  at its LSN (nothing after it: only the cut explains that) or holds everything
+  acknowledged, pre-cut appends included, and is checked as that state;
+- LSNs dense, as always.
+
+Some rounds kill at a random moment after a cut began, others make the writer SIGKILL
+itself right before the n-th file-changing call of a cut (`--die-in-cut`): a timed kill
+lands in the few microseconds between deleting a segment and zeroing the cut's tail only
+by luck.
+
 Environment: WALASYNC_TORTURE_ROUNDS (default 4) rounds per test case,
 WALASYNC_TORTURE_SEED to replay a failure (the seed is in every failure message),
 WALASYNC_TORTURE_READERS (default 2) reader coroutines in the writer.
@@ -69,6 +92,8 @@ ROUNDS = int(os.environ.get("WALASYNC_TORTURE_ROUNDS", "4"))
 SEED = int(os.environ.get("WALASYNC_TORTURE_SEED") or random.SystemRandom().randrange(1 << 32))
 READERS = os.environ.get("WALASYNC_TORTURE_READERS", "2")  # in the writer, reading as it goes
 WAIT = 60.0  # seconds to wait for a writer's output before giving up on it
+CUT_ACKS = 200  # a ("cut", s) kill plan waits for a truncate_back after this many acks
+CUT_STEPS = 24  # a ("step", n) kill plan: n from 1 to this
 
 
 def subprocess_env() -> dict[str, str]:
@@ -96,17 +121,30 @@ class Run:
     run: int
     start: int  # last_lsn of the log before this run
     plan: tuple[str, float]
-    # With an ("acks", n) plan, also wait for this many completed truncations and drops.
-    removals: tuple[int, int] = (0, 0)
+    # With an ("acks", n) plan, also wait for this many completed truncations, drops, and
+    # truncate_back calls.
+    removals: tuple[int, int, int] = (0, 0, 0)
     end: int = -1  # last_lsn of the log after this run
     opened: tuple[int, int] | None = None
     units: dict[tuple[int, int], int] = field(default_factory=dict)  # (writer, seq) -> k
-    acks: dict[int, tuple[int, int]] = field(default_factory=dict)  # LSN -> (writer, seq)
+    # Every acknowledgement: (writer, seq) -> (LSN, truncate_back calls returned before it).
+    acked: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)
+    # LSN -> (writer, seq): the acknowledged records no completed truncate_back removed
+    # (nor the one in progress, if any: see `cut_pending`).
+    acks: dict[int, tuple[int, int]] = field(default_factory=dict)
     begun: list[int] = field(default_factory=list)  # truncate_front(LSN) called
     done: list[int] = field(default_factory=list)  # truncate_front(LSN) returned
     drops: list[tuple[int, int]] = field(default_factory=list)  # (first, last) let go
+    cuts: list[int] = field(default_factory=list)  # truncate_back(LSN) returned
+    cut_pending: int | None = None  # truncate_back(LSN) called and not returned (yet)
+    # The lowest LSN the log may hold at the kill: run.start, then as each truncate_back
+    # returned its LSN, raised by every acknowledgement after it.
+    floor: int = -1
     returncode: int | None = None
     stderr: bytes = b""
+
+    def __post_init__(self) -> None:
+        self.floor = self.start
 
     def parse(self, line: bytes) -> None:
         if not line.endswith(b"\n"):
@@ -121,17 +159,44 @@ class Run:
             self.begun.append(int(fields[1]))
         elif fields[0] == b"T":
             self.done.append(int(fields[1]))
+        elif fields[0] == b"T-":
+            pass  # refused: `begun` holds a first_lsn that cannot happen, which is harmless
         elif fields[0] == b"R":
             self.drops.append((int(fields[1]), int(fields[2])))
+        elif fields[0] == b"B?":
+            if self.cut_pending is not None:
+                raise AssertionError(f"truncate_back({int(fields[1])}) began during another")
+            self.cut_pending = int(fields[1])
+        elif fields[0] in (b"B", b"B-"):
+            lsn = int(fields[1])
+            if self.cut_pending != lsn:
+                raise AssertionError(f"truncate_back({lsn}) ended, {self.cut_pending} was begun")
+            self.cut_pending = None
+            if fields[0] == b"B":
+                self.cut_back(lsn)
+                self.cuts.append(lsn)
         else:
             lsn, w, seq = map(int, fields)
             if lsn in self.acks:
                 raise AssertionError(f"LSN {lsn} acknowledged twice: {self.acks[lsn]}, {w, seq}")
+            if (w, seq) in self.acked:
+                raise AssertionError(f"writer {w} seq {seq} acknowledged twice")
             self.acks[lsn] = (w, seq)
+            self.acked[w, seq] = (lsn, len(self.cuts))
+            self.floor = max(self.floor, lsn)
+
+    def cut_back(self, lsn: int) -> None:
+        """A truncate_back(lsn) happened: the acknowledged records after `lsn` are gone."""
+        for gone in [n for n in self.acks if n > lsn]:
+            del self.acks[gone]
+        self.floor = lsn
 
 
 async def run_writer(log_dir: Path, run: Run, loop_name: str, durability: str, *extra: str) -> None:
     """Start the writer of `run`, SIGKILL it as its plan says, and collect its output."""
+    kind, amount = run.plan
+    if kind == "step":
+        extra = (*extra, "--die-in-cut", str(int(amount)))
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         str(WRITER),
@@ -147,9 +212,9 @@ async def run_writer(log_dir: Path, run: Run, loop_name: str, durability: str, *
         env=subprocess_env(),
     )
     assert proc.stdout is not None and proc.stderr is not None
-    kind, amount = run.plan
     opened = asyncio.Event()
     enough_acks = asyncio.Event()
+    cutting = asyncio.Event()  # a truncate_back began after CUT_ACKS acknowledgements
 
     async def read_stdout() -> None:
         assert proc.stdout is not None
@@ -158,22 +223,31 @@ async def run_writer(log_dir: Path, run: Run, loop_name: str, durability: str, *
                 run.parse(line)
                 if run.opened is not None:
                     opened.set()
-                truncations, drops = run.removals
+                truncations, drops, cuts = run.removals
                 if (
-                    len(run.acks) >= amount
+                    len(run.acked) >= amount
                     and len(run.done) >= truncations
                     and len(run.drops) >= drops
+                    and len(run.cuts) >= cuts
                 ):
                     enough_acks.set()
+                if run.cut_pending is not None and len(run.acked) >= CUT_ACKS:
+                    cutting.set()
         finally:  # EOF (the writer is gone) or a bad line: stop waiting
             opened.set()
             enough_acks.set()
+            cutting.set()
 
     stdout = asyncio.ensure_future(read_stdout())
     stderr = asyncio.ensure_future(proc.stderr.read())
     try:
         if kind == "acks":
             await asyncio.wait_for(enough_acks.wait(), WAIT)
+        elif kind == "cut":  # a short delay after a truncate_back began
+            await asyncio.wait_for(cutting.wait(), WAIT)
+            await asyncio.wait([stdout], timeout=amount)
+        elif kind == "step":  # the writer kills itself in its third truncate_back
+            await asyncio.wait_for(asyncio.shield(stdout), WAIT)
         elif kind == "delay":
             await asyncio.wait([stdout], timeout=amount)  # wakes early if the writer dies
         else:  # "open": a short delay after the log is open
@@ -240,6 +314,8 @@ class Checker:
         self.acknowledged = 0
         self.truncations = 0  # truncate_front calls that returned, over all rounds
         self.drops = 0  # segments the hook let go, over all rounds
+        self.cuts = 0  # truncate_back calls that returned, over all rounds
+        self.cut_kills = 0  # rounds killed while a truncate_back ran
         self.rng = random.Random(f"checker/{seed}")
 
     def fail(self, message: str) -> None:
@@ -253,6 +329,11 @@ class Checker:
                 f"killed, or wrote to stderr:\n{run.stderr.decode(errors='replace')}"
             )
         known = len(self.digests)
+        # Records at or below `unsure` are as earlier rounds left them, unless a
+        # truncate_back of this round cut below them (then the records above its LSN are
+        # this round's); records above it may be this round's.
+        pending = [] if run.cut_pending is None else [run.cut_pending]
+        unsure = min([known, *run.cuts, *pending])
         new: dict[int, bytes] = {}
         async with walasync.open(self.log_dir, segment_size=writer.SEGMENT_SIZE) as wal:
             first, last = wal.first_lsn, wal.last_lsn
@@ -262,7 +343,7 @@ class Checker:
                 lsn += 1
                 if rec.lsn != lsn:
                     self.fail(f"read gave LSN {rec.lsn} where LSN {lsn} was due")
-                if lsn <= known:
+                if lsn <= unsure:
                     if digest(rec.data) != self.digests[lsn - 1]:
                         self.fail(f"LSN {lsn}, verified in an earlier round, changed")
                 else:
@@ -270,22 +351,38 @@ class Checker:
             if lsn != last:
                 self.fail(f"read gave records {first}..{lsn}, but last_lsn is {last}")
             self.check_truncated(wal, first)
-        if last < known:
-            self.fail(f"last_lsn went back from {known} to {last}: records lost")
+        # A truncate_back running at the kill happened whole or not at all: the log holds
+        # nothing after its LSN (only the cut can explain that: everything acknowledged
+        # before it is above its LSN), or everything acknowledged.
+        cut = bool(pending) and last <= pending[0]
+        if cut:
+            run.cut_back(pending[0])
+        base = min([known, *run.cuts, *(pending if cut else [])])
+        for n in range(max(first, unsure + 1), min(base, last) + 1):
+            if digest(new.pop(n)) != self.digests[n - 1]:
+                self.fail(f"LSN {n}, verified in an earlier round, changed")
+        if last < run.floor:
+            self.fail(
+                f"run {run.run} (killed: {run.plan}): last_lsn is {last}, below {run.floor}: "
+                f"records lost (acknowledged, or kept by truncate_back; cuts "
+                f"{run.cuts[-3:]}, pending {pending}, happened: {cut})"
+            )
         self.check_files(first)
         run.end = last
-        self.check_run(run, new, first)
-        self.digests.extend(
-            digest(new[n]) if n in new else None for n in range(known + 1, last + 1)
-        )
+        self.check_run(run, new, first, base)
+        del self.digests[base:]
+        self.digests.extend(digest(new[n]) if n in new else None for n in range(base + 1, last + 1))
         self.first = first
-        self.acknowledged += len(run.acks)
+        self.acknowledged += len(run.acked)
         self.truncations += len(run.done)
         self.drops += len(run.drops)
+        self.cuts += len(run.cuts)
+        self.cut_kills += bool(pending)
         print(  # shown with -s: what each round covered
-            f"run {run.run} killed {run.plan}: +{last - known} records "
-            f"({len(run.acks)} acknowledged), {len(run.done)}/{len(run.begun)} truncations "
-            f"done, {len(run.drops)} segments dropped, log {first}..{last}"
+            f"run {run.run} killed {run.plan}: +{last - base} records "
+            f"({len(run.acked)} acknowledged), {len(run.done)}/{len(run.begun)} truncations "
+            f"done, {len(run.drops)} segments dropped, {len(run.cuts)} truncate_back done"
+            f"{f' (killed in one: {cut=})' if pending else ''}, log {first}..{last}"
         )
 
     def check_first(self, run: Run, first: int, last: int) -> None:
@@ -322,9 +419,9 @@ class Checker:
         if not firsts or firsts[0] > first or (len(firsts) > 1 and firsts[1] <= first):
             self.fail(f"segment files start at {firsts[:3]}, but first_lsn is {first}")
 
-    def check_run(self, run: Run, new: dict[int, bytes], log_first: int) -> None:
+    def check_run(self, run: Run, new: dict[int, bytes], log_first: int, base: int) -> None:
         """Check the records `run` added (`new`: LSN -> data, from `log_first`, the log's
-        first_lsn, on) against what it announced."""
+        first_lsn, or `base` + 1, on) against what it announced."""
         where = f"run {run.run} (LSNs {run.start + 1}..{run.end}, killed: {run.plan})"
         if run.opened is not None and run.opened != (self.first, run.start):
             self.fail(
@@ -333,9 +430,9 @@ class Checker:
             )
         if new and run.opened is None:
             self.fail(f"{where}: {len(new)} records appeared, but the writer never opened")
-        # Acknowledged records: present (unless truncated), exact, whole units at
-        # consecutive LSNs, in order.
-        lsn_of = {ws: lsn for lsn, ws in run.acks.items()}
+        # Acknowledged records (and not removed by truncate_back since): present (unless
+        # truncated), exact; every unit acknowledged whole at consecutive LSNs, in order.
+        lsn_of = {ws: lsn for ws, (lsn, _) in run.acked.items()}
         for lsn, (w, seq) in sorted(run.acks.items()):
             if lsn < log_first:
                 continue
@@ -347,7 +444,7 @@ class Checker:
                     "was acknowledged there"
                 )
         in_flight: list[tuple[int, int, int]] = []
-        per_writer: dict[int, list[tuple[int, int]]] = defaultdict(list)
+        per_writer: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
         covered: set[tuple[int, int]] = set()
         for (w, seq), k in run.units.items():
             if k != writer.unit_length(run.run, w, seq):
@@ -359,13 +456,14 @@ class Checker:
             elif first is None or acked != list(range(first, first + k)):
                 self.fail(f"{where}: unit writer {w} seq {seq} acknowledged at LSNs {acked}")
             else:
-                per_writer[w].append((seq, first))
+                per_writer[w].append((seq, run.acked[w, seq][1], first))
                 covered.update((w, s) for s in range(seq, seq + k))
         if stray := set(lsn_of) - covered:
             self.fail(f"{where}: acknowledged (writer, seq) never announced: {sorted(stray)}")
         for w, acked_units in per_writer.items():
-            lsns = [lsn for _, lsn in sorted(acked_units)]
-            if lsns != sorted(lsns):
+            # Up between truncate_back calls: (calls before it, LSN) in order.
+            order = [(cuts, lsn) for _, cuts, lsn in sorted(acked_units)]
+            if order != sorted(order):
                 self.fail(f"{where}: writer {w}'s sequential appends got LSNs out of order")
         writers = [w for w, _, _ in in_flight]
         if len(writers) != len(set(writers)):
@@ -384,10 +482,22 @@ class Checker:
             for w, seq, k in in_flight
         ]
         contents = [tuple(new[lsn] for lsn in stretch) for stretch in stretches]
-        head_cut = log_first > run.start + 1 and bool(stretches) and stretches[0][0] == log_first
+        head_cut = log_first > base + 1 and bool(stretches) and stretches[0][0] == log_first
         if not tile(contents, units, head_cut):
+            removed = {  # acknowledged, then removed by truncate_back
+                writer.record(run.run, w, s): lsn
+                for (w, s), (lsn, _) in run.acked.items()
+                if run.acks.get(lsn) != (w, s)
+            }
             shown = "\n".join(
-                f"  LSN {lsn}: {describe(new[lsn])}" for stretch in stretches for lsn in stretch
+                f"  LSN {lsn}: {describe(new[lsn])}"
+                + (
+                    f" (acknowledged at LSN {removed[new[lsn]]}, then truncate_back removed it)"
+                    if new[lsn] in removed
+                    else ""
+                )
+                for stretch in stretches
+                for lsn in stretch
             )
             flying = ", ".join(f"w{w} seq {seq}+{k}" for w, seq, k in sorted(in_flight))
             self.fail(
@@ -396,10 +506,16 @@ class Checker:
             )
 
 
-def kill_plan(rng: random.Random, round_no: int) -> tuple[str, float]:
-    """When to kill the writer: ("acks", n), ("delay", s) from start or ("open", s) after."""
+def kill_plan(rng: random.Random, round_no: int, cuts: bool = False) -> tuple[str, float]:
+    """When to kill the writer: ("acks", n), ("delay", s) from start, ("open", s) after,
+    or, if it calls truncate_back (`cuts`), ("cut", s) after one began or ("step", n):
+    it kills itself before the n-th step of a cut (--die-in-cut)."""
     if round_no == 0:
         return ("acks", 300)
+    if cuts and rng.random() < 0.6:
+        if rng.random() < 0.5:  # SIGKILL before the n-th step: most cuts take 17-22
+            return ("step", rng.randint(1, CUT_STEPS))
+        return ("cut", round(rng.uniform(0.0, 0.08), 3))  # a cut takes 10-100 ms (fsyncs)
     r = rng.random()
     if r < 0.5:
         return ("acks", rng.randint(1, 3000))
@@ -413,11 +529,11 @@ async def torture(
     writer_loop: str,
     durability: str,
     *extra: str,
-    removals: tuple[int, int] = (0, 0),
+    removals: tuple[int, int, int] = (0, 0, 0),
 ) -> Checker:
     """Kill the writer (started with `extra` options) ROUNDS times on one log, checking
     the log after each kill. The first round runs until `removals` (completed
-    truncations, drops) happened too."""
+    truncations, drops, truncate_back calls) happened too."""
     test_loop = type(asyncio.get_running_loop()).__module__.partition(".")[0]
     key = "/".join((str(SEED), writer_loop, durability, *extra, test_loop))
     rng = random.Random(key)
@@ -425,7 +541,8 @@ async def torture(
     checker = Checker(log_dir, " ".join((context, *extra)), seed=key)
     run_ids = rng.sample(range(1, 1_000_000), ROUNDS)
     for round_no, run_id in enumerate(run_ids):
-        run = Run(run_id, start=len(checker.digests), plan=kill_plan(rng, round_no))
+        plan = kill_plan(rng, round_no, "--truncate-back" in extra)
+        run = Run(run_id, start=len(checker.digests), plan=plan)
         if round_no == 0:
             run.removals = removals
         checker.context = f"{context} {' '.join(extra)}, round {round_no + 1}/{ROUNDS}"
@@ -461,9 +578,26 @@ async def test_truncated_log_survives_sigkill(
     module docstring. Durability.NONE is left out: see test_model.py's
     test_truncating_unsynced_sealed_segments_in_none_mode_keeps_the_log_working."""
     extra = ("--truncate", *(("--retention", retention) if retention else ()))
-    removals = (3, 2 if retention else 0)  # in the first round, before the kill
+    removals = (3, 2 if retention else 0, 0)  # in the first round, before the kill
     checker = await torture(log_dir, writer_loop, durability, *extra, removals=removals)
     assert checker.truncations >= removals[0] and checker.drops >= removals[1]
+
+
+@pytest.mark.timeout(max(120, 20 * ROUNDS))
+@pytest.mark.parametrize(
+    ("writer_loop", "durability", "extra"),
+    [("asyncio", "fsync", ()), ("uvloop", "interval", ("--truncate", "--retention", RETAIN))],
+)
+async def test_cut_log_survives_sigkill(
+    log_dir: Path, writer_loop: str, durability: str, extra: tuple[str, ...]
+) -> None:
+    """As above, with `truncate_back` every few milliseconds (and, in the second case,
+    `truncate_front` and retention as well): see the module docstring."""
+    removals = (1 if extra else 0, 0, 3)  # in the first round, before the kill
+    checker = await torture(
+        log_dir, writer_loop, durability, "--truncate-back", *extra, removals=removals
+    )
+    assert checker.cuts >= 3
 
 
 async def test_read_stops_at_end_across_batches(log_dir: Path) -> None:

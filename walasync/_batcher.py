@@ -513,9 +513,13 @@ class Batcher:
                 raise self.broken() from exc
             removed = self.next_lsn - (lsn + 1)  # nothing is in flight
             self.next_lsn = lsn + 1
-            self.acked_lsn = self.synced_lsn = lsn
+            self.acked_lsn = lsn
+            if removed:  # the cut made what it kept durable first (a no-op cut did not)
+                self.synced_lsn = lsn
             self._sync_waiters = [(t - removed, d) for t, d in self._sync_waiters]
             self._wake_syncers()
+            if self._watchers:  # records became durable, or followers' records went
+                self._wake_watchers()
         finally:
             self._fence = None
             if self._records and self._idle and self.failure is None:

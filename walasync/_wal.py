@@ -308,9 +308,10 @@ class Wal:
             ClosedError, WrongLoopError, WalError (the OSError that stopped it is the cause).
         """
         self._batcher.check()
-        if not 1 <= lsn <= self.last_lsn + 1:
-            raise ValueError(f"truncate_front({lsn}): lsn must be in 1..{self.last_lsn + 1}")
         async with self._lifecycle:
+            # Checked holding the lock: a truncate_back before it may have lowered last_lsn.
+            if not 1 <= lsn <= self.last_lsn + 1:
+                raise ValueError(f"truncate_front({lsn}): lsn must be in 1..{self.last_lsn + 1}")
             if self.synced_lsn < lsn - 1:  # relaxed modes: what stays must be durable first
                 await self._batcher.sync()
             with _os_errors(f"truncating {self.path}"):
