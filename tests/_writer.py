@@ -122,7 +122,7 @@ def check_record(data: bytes) -> None:
 # CorruptionError (zeroed records) or WalError (ENOENT: a deleted segment) instead of
 # TruncatedError. Tolerated (only while a cut may have run
 # since the read began) until it is fixed; then set this to False.
-CUT_READ_BUG = True
+CUT_READ_BUG = False
 
 
 class DyingIO(walasync.FileIO):

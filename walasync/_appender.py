@@ -232,6 +232,10 @@ class Appender:
                 last_cut=target,
             )
             _meta.write_meta(self.io, store.path, meta)
+            # Committed: readers learn of the cut now, before anything is removed (the
+            # cut first, then the META whose change makes them look).
+            store.cuts.append(target)
+            store.cutting = target
             store.meta = meta
             self.io.close(self.fd)
             self.fd = -1

@@ -473,13 +473,15 @@ class Batcher:
             self._sync_waiters.append((target, done))
             await done
         if self.synced_lsn < target:
-            acked = self.acked_lsn
+            acked, cuts = self.acked_lsn, len(self.appender.store.cuts)
             try:
                 await self._worker.run(self.appender.sync)
             except Exception as exc:
                 self._fail(exc, [])
                 raise self.broken() from exc
-            if acked > self.synced_lsn:
+            # A truncate_back meanwhile made `acked` stale (records above its cut may be
+            # new and unsynced); the cut synced what it kept itself.
+            if acked > self.synced_lsn and len(self.appender.store.cuts) == cuts:
                 self.synced_lsn = acked
                 if self._watchers:
                     self._wake_watchers()
@@ -516,6 +518,7 @@ class Batcher:
             self.acked_lsn = lsn
             if removed:  # the cut made what it kept durable first (a no-op cut did not)
                 self.synced_lsn = lsn
+            self.appender.store.cutting = 0  # the watermarks show the cut from here on
             self._sync_waiters = [(t - removed, d) for t, d in self._sync_waiters]
             self._wake_syncers()
             if self._watchers:  # records became durable, or followers' records went

@@ -120,18 +120,25 @@ def _open_scan(store: Store, first_lsn: int, start: int) -> seg.Scan:
     return scan
 
 
-async def read_records(
+def read_records(
     store: Store, segments: tuple[int, ...], start: int, stop: int
 ) -> AsyncGenerator[Record, None]:
     """Yield the records with LSNs in [start, stop] from `segments`, a snapshot of the
-    store's segment list.
+    store's segment list (a truncate_back committed after this call, even before the first
+    record is asked for, counts as one made while the read ran).
 
     Raises:
         TruncatedError: the records this read was at were truncated meanwhile.
         CorruptionError: a batch up to `stop` is invalid, or the LSNs have a gap.
         WalError: a read failed (the OSError is its cause).
     """
-    async with contextlib.aclosing(_batches(store, segments, start, stop)) as batches:
+    return _records(_batches(store, segments, start, stop, ncuts=len(store.cuts)), store)
+
+
+async def _records(
+    reading: AsyncGenerator[Batch, None], store: Store
+) -> AsyncGenerator[Record, None]:
+    async with contextlib.aclosing(reading) as batches:
         async for lsn, records, _ in batches:
             meta, ncuts, removed = store.meta, len(store.cuts), _NONE_REMOVED
             for data in records:
@@ -166,11 +173,16 @@ def read_batches(
     store: Store, segments: tuple[int, ...], start: int, stop: int
 ) -> AsyncGenerator[Batch, None]:
     """As `read_records`, a batch at a time, saying where units end."""
-    return _batches(store, segments, start, stop, units=True)
+    return _batches(store, segments, start, stop, units=True, ncuts=len(store.cuts))
 
 
 async def _batches(
-    store: Store, segments: tuple[int, ...], start: int, stop: int, units: bool = False
+    store: Store,
+    segments: tuple[int, ...],
+    start: int,
+    stop: int,
+    units: bool = False,
+    ncuts: int | None = None,
 ) -> AsyncGenerator[Batch, None]:
     """Yield the records with LSNs in [start, stop] from `segments`, a batch (or the part
     of one in that range) at a time: the callers yield each record themselves, one
@@ -182,7 +194,8 @@ async def _batches(
     """
     loop = asyncio.get_running_loop()
     cuts = store.cuts
-    ncuts = len(cuts)  # truncate_back calls before this read began
+    if ncuts is None:
+        ncuts = len(cuts)  # truncate_back calls before this read began
     cut = stop + 1  # records from here on were removed by a truncate_back since
 
     async def truncated(exc: BaseException | None = None) -> WalError:
@@ -193,7 +206,9 @@ async def _batches(
         if store.readonly and exc is not None:
             with contextlib.suppress(Exception):
                 await loop.run_in_executor(None, store.reload_meta)
-            cut = min([cut, *cuts[ncuts:]])
+        # A writer's cut is in `cuts` and `cutting` from its commit on, before it zeroes or
+        # deletes anything: a read failing on what it removes is a truncated read.
+        cut = min([cut, *cuts[ncuts:], *([store.cutting] if store.cutting else [])])
         if start < store.meta.first_lsn or start >= cut:
             what = (
                 f"records from {start} to {store.meta.first_lsn - 1}"
@@ -342,6 +357,8 @@ async def follow_batches(
                 )
             seen = len(cuts)
         upto = min(stop, watermark.synced_lsn)
+        if store.cutting:  # a cut is under way: what it removes is not there to follow
+            upto = min(upto, store.cutting - 1)
         if start <= upto:
             # The watermark first: every segment with a record up to it is in the snapshot.
             segments = store.snapshot()

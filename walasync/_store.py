@@ -81,7 +81,10 @@ class Store:
         # Changed on the I/O thread only.
         self.sealed_sizes: dict[int, int] = {}
         self.sealed_bytes = 0
-        self.cuts: list[int] = []  # the first LSN each truncate_back removed, in order
+        self.cuts: list[int] = []  # the first LSN each truncate_back removes, from its commit
+        # The first LSN a truncate_back removes, from its commit until the writer's
+        # watermarks (last_lsn, synced_lsn) show it; 0 when no cut is under way.
+        self.cutting = 0
         self.readonly = False
         self._tail: LastSegment | None = None  # (read-only) the last segment as last seen
         # How batches are written and read back: the writer's compressor (None: plain
@@ -455,7 +458,6 @@ class Store:
             io.close(fd)
         self.meta = meta.with_(cut=0, cut_offset=0, cut_batch=b"")
         _meta.write_meta(io, self.path, self.meta)
-        self.cuts.append(meta.cut)
 
     def recover_last(self, segment_size: int, first_lsn: int = 1) -> LastSegment:
         """Open the last segment for writing (creating the first at `first_lsn` if there is
