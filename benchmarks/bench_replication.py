@@ -16,13 +16,18 @@ repetition in its own process on a fresh log and a fresh R3 stream:
 * ``follower``: appends paced at ``--rate`` records/s (default 50k), a ``Replicator`` and a
   ``Follower`` (hot standby, applying into its own log, on the same loop): lag p50/p99 from
   the moment ``append`` returned to the moment the follower's log held that record durably
-  (every 16th LSN).
+  (every 16th LSN);
+* ``sidecar``: as ``ship``, but shipped by ``walasync replicate --follow`` in its own
+  process (a read-only ``durable_only`` reader that fdatasyncs what it reads, polling every
+  5 ms): local appends/s, and records/s the stream acknowledged in the window;
+* ``sidecar-backlog``: as ``backlog``, shipped by one ``walasync replicate`` run (its
+  start-up included).
 
 The table shows medians over the repetitions (and their range). Default: 3 repetitions
 of 3 s windows, about two minutes::
 
     python benchmarks/bench_replication.py [--duration 3] [--reps 3] [--rate 50000]
-        [--modes local,ship,backlog,replicated,follower] [--dir DIR]
+        [--modes local,ship,backlog,replicated,follower,sidecar,sidecar-backlog] [--dir DIR]
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+import nats
+
 import walasync
 from walasync import jetstream as wj
 
@@ -59,6 +66,30 @@ def _run(main: Any) -> Any:
     return uvloop.run(main)
 
 
+async def sidecar(
+    path: str, urls: list[str], stream: str, *args: str
+) -> asyncio.subprocess.Process:
+    """`walasync replicate PATH` in its own process, once it has started shipping."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "walasync", "replicate", path, "--servers", ",".join(urls),
+        "--stream", stream, "--create", *args,
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    line = await proc.stdout.readline()
+    assert line.startswith(b"replicating"), line
+    return proc
+
+
+async def stream_last_lsn(js: Any, stream: str) -> int:
+    """The last LSN the stream holds (from its last message's headers)."""
+    state = (await js.stream_info(stream)).state
+    if state.messages == 0:
+        return 0
+    msg = await js.get_msg(stream, state.last_seq)
+    return wj.decode_message(msg.headers, msg.data).last_lsn
+
+
 def pct(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -74,7 +105,15 @@ async def repetition(
     acked = 0
     appended_at: dict[int, float] = {}
     lags: list[float] = []
-    async with walasync.open(os.path.join(path, "src"), max_record_size=1 << 20) as wal:
+    src = os.path.join(path, "src")
+    async with walasync.open(src, max_record_size=1 << 20) as wal:
+        if mode == "sidecar-backlog":
+            for _ in range(200):
+                await wal.append_many([RECORD] * 1000)
+            t0 = now()
+            proc = await sidecar(src, urls, stream)
+            assert await proc.wait() == 0
+            return {"shipped": wal.last_lsn / (now() - t0)}
         if mode == "backlog":
             for _ in range(200):
                 await wal.append_many([RECORD] * 1000)
@@ -83,7 +122,12 @@ async def repetition(
                 await r.flush()
                 return {"shipped": wal.last_lsn / (now() - t0), "messages": r.sent_messages}
         rep = None
-        if mode != "local":
+        side = nc = js = None
+        if mode == "sidecar":
+            side = await sidecar(src, urls, stream, "--follow", "--poll-interval", "0.005")
+            nc = await nats.connect(urls)
+            js = nc.jetstream()
+        elif mode != "local":
             rep = wj.Replicator(wal, urls, stream=stream, create=True, replicas=3)
             await rep.start()
         standby = None
@@ -128,14 +172,25 @@ async def repetition(
             tasks = [asyncio.ensure_future(paced(k, 64)) for k in range(64)]
         else:
             tasks = [asyncio.ensure_future(appender(k)) for k in range(APPENDERS)]
+
+        async def shipped() -> int:
+            if js is not None:
+                return await stream_last_lsn(js, stream)
+            return rep.acked_lsn if rep else 0
+
         await asyncio.sleep(WARMUP)
-        a0, s0, t0 = acked, rep.acked_lsn if rep else 0, now()
+        a0, s0, t0 = acked, await shipped(), now()
         lags.clear()
         await asyncio.sleep(duration)
-        a1, s1, t1 = acked, rep.acked_lsn if rep else 0, now()
+        a1, s1, t1 = acked, await shipped(), now()
         stop = True
         await asyncio.gather(*tasks)
         result: dict[str, Any] = {"appends": (a1 - a0) / (t1 - t0)}
+        if side is not None and nc is not None:
+            result["shipped"] = (s1 - s0) / (t1 - t0)
+            side.terminate()
+            await side.wait()
+            await nc.close()
         if rep is not None:
             result["shipped"] = (s1 - s0) / (t1 - t0)
             result["messages"] = rep.sent_messages

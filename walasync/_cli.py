@@ -39,7 +39,17 @@ EXIT = {
     "permission": 7,
     "io": 8,  # any other error reading or writing the files
     "no-cli": 9,  # click or rich missing (see __main__.py)
+    # replicate, restore (_cli_replication.py):
+    "no-nats": 10,  # nats-py missing
+    "unreachable": 11,  # no NATS server (or JetStream) answers
+    "auth": 12,  # credentials refused
+    "no-stream": 13,
+    "stream-config": 14,  # the stream's settings do not allow safe replication
+    "stream-content": 15,  # the stream holds what is not this log's (another log, history)
+    "too-large": 16,  # a record does not fit in one message (max_payload)
+    "gap": 17,  # the log removed records before they were shipped
     "interrupted": 130,
+    "terminated": 143,
     "broken-pipe": 141,  # stdout closed early (`| head`), as a SIGPIPE would end it
 }
 _BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_batching.py"
@@ -115,11 +125,12 @@ directory_argument = click.argument("directory", type=click.Path(path_type=str, 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(walasync.__version__, prog_name="walasync", message="%(prog)s %(version)s")
 def cli() -> None:
-    """Look at, check and repair a walasync log (a directory of segment files).
+    """Look at, check, repair and replicate a walasync log (a directory of segment files).
 
     Every command but `repair` only reads, and works while a writer runs. Exit codes: 0
     sound, 1 damage found, 2 bad usage, 3 no such directory, 4 not a walasync log, 5 locked
-    by a writer, 6 a newer format, 7 permission denied, 8 other I/O error.
+    by a writer, 6 a newer format, 7 permission denied, 8 other I/O error; 10-17 for
+    replicate and restore (README, "Operating a log").
     """
 
 
@@ -371,3 +382,10 @@ def bench(args: tuple[str, ...]) -> None:
         click.echo(f"walasync bench runs {_BENCH} with these options:\n")
     sys.stdout.flush()
     os.execv(sys.executable, [sys.executable, str(_BENCH), *args])
+
+
+# The replication commands, in their own module (they use the helpers above).
+from ._cli_replication import replicate, restore  # noqa: E402
+
+cli.add_command(replicate)
+cli.add_command(restore)

@@ -6,36 +6,90 @@ batches written since it last looked, read incrementally. A torn or half-written
 simply where the data ends for now. The writer may rotate, truncate and cut the log under
 it: a vanished segment or a cut is reported as `TruncatedError` (after a fresh look at
 META), never read as garbage (checksums and per-segment salts see to that).
+
+Opened with `durable_only=True`, each look also makes what it found durable before it
+counts it: it fdatasyncs every segment file that gained records since its last look (an
+fdatasync flushes a file through any descriptor), then re-reads META; a truncate_back
+committed meanwhile means the records it saw may have been rewritten, so it looks again.
+Such a reader never yields a record that a power loss could take back: a shipper in
+another process (`walasync replicate`) can pass on what it reads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from types import TracebackType
+from typing import TypeVar
 
 from ._io import FileIO
 from ._opener import Opener, require_loop
-from ._reader import Record, read_records
+from ._reader import Batch, Record, read_batches, read_records
 from ._store import Store
 from .errors import ClosedError, TruncatedError, WalError, map_os_error
 
 __all__ = ("ReadOnlyWal", "open_readonly")
+
+T = TypeVar("T", Record, Batch)
+
+
+class _Durable:
+    """What a `durable_only` reader has made durable: records below `synced`, as of META's
+    `cuts` count (None before the first look)."""
+
+    def __init__(self) -> None:
+        self.synced = 0
+        self.cuts: int | None = None
+
+    def look(self, store: Store) -> int:
+        """`store.refresh()`, then fdatasync what it found beyond `synced` (on a thread)."""
+        io = store.io
+        nxt = store.refresh()
+        while True:
+            meta = store.meta
+            if self.cuts is not None and meta.cuts != self.cuts:
+                # Cut back since the last look: what follows the cut may be rewritten.
+                self.synced = min(self.synced, meta.last_cut)
+            if meta.cut:
+                self.synced = min(self.synced, meta.cut)
+            self.cuts = meta.cuts
+            if nxt <= self.synced:
+                return nxt
+            segments = store.snapshot()
+            for first in segments[store.locate(self.synced, segments) :]:
+                try:
+                    fd = io.open_read(store.segment_path(first))
+                except FileNotFoundError:  # truncated away: a read will say so
+                    continue
+                try:
+                    io.fdatasync(fd)
+                finally:
+                    io.close(fd)
+            store.reload_meta()
+            if store.meta.cuts == self.cuts:
+                self.synced = nxt
+                return nxt
+            nxt = store.refresh()  # a cut committed while it synced: look again
 
 
 class ReadOnlyWal:
     """A log opened with `walasync.open(path, readonly=True)`: reads, never writes.
 
     `last_lsn` is the end of the valid data as of the last look (at open, at each `read`,
-    `refresh` and, with `follow=True`, every `poll_interval` seconds).
+    `refresh` and, with `follow=True`, every `poll_interval` seconds); with
+    `durable_only`, of the durable data (see the module's docstring).
     """
 
-    def __init__(self, store: Store, next_lsn: int, poll_interval: float) -> None:
+    def __init__(
+        self, store: Store, next_lsn: int, poll_interval: float, durable: _Durable | None
+    ) -> None:
         self._store = store
         self._loop = asyncio.get_running_loop()
         self._next = next_lsn
         self._poll = poll_interval
+        self._durable = durable
+        self._looking = asyncio.Lock()  # one look at a time: readers may overlap
         self._closed = False
         self._stopped = asyncio.Event()  # set at close: followers stop waiting
 
@@ -52,6 +106,17 @@ class ReadOnlyWal:
     def last_lsn(self) -> int:
         """The LSN of the last valid record (as of the last look); first_lsn - 1 if none."""
         return self._next - 1
+
+    @property
+    def log_id(self) -> bytes:
+        """The log's identity (as `Wal.log_id`); empty for a log without META."""
+        return self._store.meta.log_id
+
+    @property
+    def durable_only(self) -> bool:
+        """True if opened with `durable_only=True`: `last_lsn` and reads stop at what is
+        durable (this reader fdatasyncs what it finds)."""
+        return self._durable is not None
 
     @property
     def closed(self) -> bool:
@@ -71,7 +136,10 @@ class ReadOnlyWal:
         """
         self._check()
         try:
-            self._next = await self._loop.run_in_executor(None, self._store.refresh)
+            async with self._looking:
+                self._next = await self._loop.run_in_executor(
+                    None, _look, self._store, self._durable
+                )
         except OSError as exc:
             raise map_os_error(exc, f"reading {self.path}") from exc
         return self.last_lsn
@@ -93,22 +161,49 @@ class ReadOnlyWal:
         self._check()
         if start is not None and start < 1:
             raise ValueError(f"start must be >= 1, not {start}")
-        return self._read(start, end, follow)
+        return self._read(start, end, follow, read_records, _after_record)
+
+    def read_batches(
+        self, start: int | None = None, end: int | None = None, *, follow: bool = False
+    ) -> AsyncGenerator[Batch, None]:
+        """As `read`, a `walasync.Batch` at a time, with the positions where `append_many`
+        units go on (as `Wal.read_batches`): for a consumer that copies records in bulk.
+
+        Raises as `read` does.
+        """
+        self._check()
+        if start is not None and start < 1:
+            raise ValueError(f"start must be >= 1, not {start}")
+        return self._read(start, end, follow, read_batches, _after_batch)
 
     async def _read(
-        self, start: int | None, end: int | None, follow: bool
-    ) -> AsyncGenerator[Record, None]:
+        self,
+        start: int | None,
+        end: int | None,
+        follow: bool,
+        reader: Callable[[Store, tuple[int, ...], int, int], AsyncGenerator[T, None]],
+        after: Callable[[T], int],
+    ) -> AsyncGenerator[T, None]:
         await self.refresh()
         lsn = self.first_lsn if start is None else start
         if lsn < self.first_lsn:
             raise TruncatedError(f"records below {self.first_lsn} were truncated")
+        cuts = self._store.cuts
+        seen = len(cuts)
         while True:
+            if len(cuts) != seen:  # truncate_back: did it remove records this read gave?
+                if min(cuts[seen:]) < lsn:
+                    raise TruncatedError(
+                        f"records from {min(cuts[seen:])} on, some of them already given, "
+                        "were removed by truncate_back"
+                    )
+                seen = len(cuts)
             stop = self.last_lsn if end is None else min(end, self.last_lsn)
             if lsn <= stop:
                 store = self._store
-                async for rec in read_records(store, store.snapshot(), lsn, stop):
-                    yield rec
-                    lsn = rec.lsn + 1
+                async for item in reader(store, store.snapshot(), lsn, stop):
+                    yield item
+                    lsn = after(item)
             if not follow or (end is not None and lsn > end) or self._closed:
                 return
             waiter = asyncio.ensure_future(self._stopped.wait())
@@ -144,25 +239,42 @@ class ReadOnlyWal:
         )
 
 
+def _after_record(rec: Record) -> int:
+    return rec.lsn + 1
+
+
+def _after_batch(batch: Batch) -> int:
+    return batch.lsn + len(batch.records)
+
+
+def _look(store: Store, durable: _Durable | None) -> int:
+    return store.refresh() if durable is None else durable.look(store)
+
+
 async def _open_readonly(
-    path: str, io: FileIO, poll_interval: float, max_record_size: int
+    path: str, io: FileIO, poll_interval: float, max_record_size: int, durable_only: bool
 ) -> ReadOnlyWal:
     loop = asyncio.get_running_loop()
+    durable = _Durable() if durable_only else None
     try:
         store = await loop.run_in_executor(None, Store.open_readonly, io, path)
         store.max_record_size = max_record_size
-        next_lsn = await loop.run_in_executor(None, store.refresh)
+        next_lsn = await loop.run_in_executor(None, _look, store, durable)
     except FileNotFoundError as exc:
         raise WalError(f"no walasync log at {path} (no such directory)") from exc
     except NotADirectoryError as exc:
         raise WalError(f"no walasync log at {path} (not a directory)") from exc
     except OSError as exc:
         raise map_os_error(exc, f"opening {path}") from exc
-    return ReadOnlyWal(store, next_lsn, poll_interval)
+    return ReadOnlyWal(store, next_lsn, poll_interval, durable)
 
 
 def open_readonly(
-    path: str | os.PathLike[str], io: FileIO, poll_interval: float, max_record_size: int
+    path: str | os.PathLike[str],
+    io: FileIO,
+    poll_interval: float,
+    max_record_size: int,
+    durable_only: bool = False,
 ) -> Opener[ReadOnlyWal]:
     """See `walasync.open(path, readonly=True)`."""
     if not os.fspath(path):
@@ -176,4 +288,4 @@ def open_readonly(
     ):
         raise ValueError(f"max_record_size must be a positive int, not {max_record_size!r}")
     where = os.fspath(path)
-    return Opener(lambda: _open_readonly(where, io, poll_interval, max_record_size))
+    return Opener(lambda: _open_readonly(where, io, poll_interval, max_record_size, durable_only))

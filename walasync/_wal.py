@@ -516,6 +516,7 @@ def open(
     io: FileIO | None = None,
     poll_interval: float = 0.05,
     max_record_size: int = Options.max_record_size,
+    durable_only: bool = False,
 ) -> Opener[ReadOnlyWal]: ...
 
 
@@ -537,6 +538,7 @@ def open(
     on_segment_drop: DropHook | None = None,
     first_lsn: int | None = None,
     poll_interval: float = 0.05,
+    durable_only: bool = False,
     compression: Literal["zstd"] | None = None,
     compression_level: int = Options.compression_level,
 ) -> Opener[Wal] | Opener[ReadOnlyWal]:
@@ -553,7 +555,8 @@ def open(
     With `readonly=True`, open it for reading only (a `ReadOnlyWal`), in a process that
     is not the writer's: no lock, no file is ever written or repaired, the directory must
     exist; followers look for new records every `poll_interval` seconds; a compressed
-    batch that would expand past its records' count times `max_record_size` is refused.
+    batch that would expand past its records' count times `max_record_size` is refused;
+    `durable_only=True` makes it fdatasync what it finds and see only durable records.
 
     Raises:
         ValueError: `path` is empty, an option is out of range, or `first_lsn` is below 1
@@ -566,7 +569,7 @@ def open(
         WalError: the directory cannot be created, opened or locked.
     """
     if readonly:
-        return open_readonly(path, io or FileIO(), poll_interval, max_record_size)
+        return open_readonly(path, io or FileIO(), poll_interval, max_record_size, durable_only)
     if not os.fspath(path):
         raise ValueError("a log path must not be empty (use '.' for the current directory)")
     options = Options(

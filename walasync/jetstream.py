@@ -59,6 +59,7 @@ from nats.js import JetStreamContext, api
 
 from . import _format as fmt
 from ._reader import Batch
+from ._readonly import ReadOnlyWal
 from ._store import SegmentInfo
 from ._wal import Buffer, DropHook, Wal
 from ._wal import open as open_wal
@@ -339,6 +340,10 @@ class _Outgoing:
 class Replicator:
     """Ships a local log to a JetStream stream, and tells when records are replicated.
 
+    `wal` is the log, open in this process: its writer's `Wal`, or a `ReadOnlyWal` opened
+    with `durable_only=True` (a shipper beside a writer in another process: it cannot
+    append, and cannot guard the writer's retention).
+
     `nats` is a connected `nats.aio.client.Client` (the caller keeps it: options, auth and
     reconnection are theirs) or server URLs (this replicator connects, with `connect_options`
     passed to `nats.connect`, and reconnects after any loss). Start it with `await start()`
@@ -355,7 +360,7 @@ class Replicator:
 
     def __init__(
         self,
-        wal: Wal,
+        wal: Wal | ReadOnlyWal,
         nats: NATS | str | Sequence[str],
         *,
         stream: str,
@@ -371,6 +376,11 @@ class Replicator:
         guard_retention: bool = True,
         connect_options: dict[str, Any] | None = None,
     ) -> None:
+        if isinstance(wal, ReadOnlyWal) and not wal.durable_only:
+            raise ValueError(
+                "a read-only log is shipped only if opened with durable_only=True: else a "
+                "power loss could take back records the stream already holds"
+            )
         if window < 1 or pack_bytes < 1 or ack_timeout <= 0 or replicas < 1:
             raise ValueError("window, pack_bytes, replicas must be >= 1 and ack_timeout > 0")
         if duplicate_window < 2 * ack_timeout:
@@ -415,7 +425,17 @@ class Replicator:
     @property
     def lag(self) -> int:
         """Records durable locally that the stream has not acknowledged yet."""
-        return max(0, self.wal.synced_lsn - self.acked_lsn)
+        return max(0, self._synced_lsn - self.acked_lsn)
+
+    @property
+    def _synced_lsn(self) -> int:
+        """The highest LSN durable locally: a read-only log stops at what is durable."""
+        return self.wal.synced_lsn if isinstance(self.wal, Wal) else self.wal.last_lsn
+
+    def _writer(self) -> Wal:
+        if not isinstance(self.wal, Wal):
+            raise TypeError("a replicator of a read-only log cannot append or truncate")
+        return self.wal
 
     async def start(self) -> None:
         """Connect, check (or create) the stream, find where it ends, and start shipping.
@@ -435,7 +455,7 @@ class Replicator:
         except BaseException:
             await self._conn.close()
             raise
-        if self._guard:
+        if self._guard and isinstance(self.wal, Wal):
             self._prev_hook = self.wal.on_segment_drop
             self.wal.on_segment_drop = self._guard_drop
         self._task = asyncio.ensure_future(self._supervise())
@@ -450,7 +470,7 @@ class Replicator:
         if self._task is not None:
             self._task.cancel()
             await asyncio.wait([self._task])
-        if self.wal.on_segment_drop == self._guard_drop:
+        if isinstance(self.wal, Wal) and self.wal.on_segment_drop == self._guard_drop:
             self.wal.on_segment_drop = self._prev_hook
         self._fail_waiters(ClosedError("the replicator is closed"))
         await self._conn.close()
@@ -488,20 +508,20 @@ class Replicator:
     async def append(self, data: Buffer) -> int:
         """Append one record and return its LSN once it is durable locally and acknowledged
         by the stream. Raises as `Wal.append` and `wait` do."""
-        lsn = await self.wal.append(data)
+        lsn = await self._writer().append(data)
         await self.wait(lsn)
         return lsn
 
     async def append_many(self, records: Iterable[Buffer]) -> range:
         """`Wal.append_many`, returning once the stream acknowledged the whole unit."""
-        lsns = await self.wal.append_many(records)
+        lsns = await self._writer().append_many(records)
         if lsns:
             await self.wait(lsns[-1])
         return lsns
 
     async def flush(self) -> None:
         """Return once everything durable in the local log when called is acknowledged."""
-        await self.wait(self.wal.synced_lsn)
+        await self.wait(self._synced_lsn)
 
     async def truncate_front(self, lsn: int, *, force: bool = False) -> None:
         """`Wal.truncate_front(lsn)`, refused while the stream lacks records below `lsn`.
@@ -511,12 +531,13 @@ class Replicator:
                 `force`: then they go, and the replicator stops with `ReplicationGapError`
                 if it had not shipped them).
         """
+        wal = self._writer()
         if lsn - 1 > self.acked_lsn and not force:
             raise NotReplicatedError(
                 f"truncate_front({lsn}) would remove records up to {lsn - 1}; the stream has "
                 f"acknowledged up to {self.acked_lsn}"
             )
-        await self.wal.truncate_front(lsn)
+        await wal.truncate_front(lsn)
 
     def __repr__(self) -> str:
         state = "failed" if self.failure else "closed" if self._closed else "running"
@@ -562,10 +583,11 @@ class Replicator:
         sequence. Drops from the retry queue what the stream already holds."""
         js = nc.jetstream(timeout=self._ack_timeout)
         self._limit = nc.max_payload - HEADER_RESERVE
-        single = fmt.BATCH_HEADER + 8 + 4 + self.wal.options.max_record_size
-        if single > self._limit:
+        # A read-only log's writer's limit is unknown: a unit too large fails when it comes.
+        largest = self.wal.options.max_record_size if isinstance(self.wal, Wal) else 0
+        if fmt.BATCH_HEADER + 8 + 4 + largest > self._limit:
             raise MessageTooLargeError(
-                f"the log accepts records of up to {self.wal.options.max_record_size} bytes, "
+                f"the log accepts records of up to {largest} bytes, "
                 f"but the server's max_payload ({nc.max_payload}) allows messages of "
                 f"{self._limit - fmt.BATCH_HEADER - 12} bytes of record: open the log with a "
                 "smaller max_record_size or raise max_payload"
@@ -667,10 +689,10 @@ class Replicator:
         """The stream's last message must hold the local log's records (where the local log
         still has them): else it is another history of the same log."""
         lo = max(msg.lsn, self.wal.first_lsn)
-        if msg.last_lsn > self.wal.synced_lsn:
+        if msg.last_lsn > self._synced_lsn:
             raise StreamContentError(
                 f"stream {self.stream!r} holds records up to {msg.last_lsn}, but the local log "
-                f"has durable records up to {self.wal.synced_lsn} only"
+                f"has durable records up to {self._synced_lsn} only"
             )
         if lo > msg.last_lsn:
             return
@@ -1117,12 +1139,14 @@ async def restore(
     subject: str | None = None,
     follow: bool = False,
     connect_options: dict[str, Any] | None = None,
+    on_apply: Callable[[int, int], object] | None = None,
     **options: Any,
 ) -> int:
     """Rebuild (or bring up to date) the log in directory `path` from a replicated stream,
     with the source's LSNs, and return its last LSN. A new log starts at the stream's first
-    LSN; an existing one continues after its last record (see `Follower`). `options` go to
-    `walasync.open`; `follow=True` keeps applying new messages until cancelled.
+    LSN; an existing one continues after its last record (see `Follower`, which calls
+    `on_apply`). `options` go to `walasync.open`; `follow=True` keeps applying new messages
+    until cancelled.
 
     Raises:
         StreamNotFoundError, StreamContentError, ConnectError, AuthError, WalError.
@@ -1138,5 +1162,7 @@ async def restore(
         finally:
             await conn.close()
     async with open_wal(path, first_lsn=first_lsn, **options) as wal:
-        follower = Follower(wal, nats, stream, subject=subject, connect_options=connect_options)
+        follower = Follower(
+            wal, nats, stream, subject=subject, connect_options=connect_options, on_apply=on_apply
+        )
         return await follower.run(follow=follow)
