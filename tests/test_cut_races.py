@@ -240,8 +240,9 @@ async def test_a_sync_racing_a_cut_claims_nothing_the_cut_left_unsynced(
     synced; sync() then set synced_lsn to 60, above last_lsn, and a power loss took
     records that synced_lsn reported durable."""
     disk = SimulatedDisk.from_files({}, dirs=["/data"])
-    opts = {"durability": durability, "sync_interval": 3600}
-    async with walasync.open("/data/log", io=disk, **opts) as wal:
+    async with walasync.open(
+        "/data/log", io=disk, durability=durability, sync_interval=3600
+    ) as wal:
         for i in range(1, 61):
             await wal.append(b"%d" % i)
         # The cut's job is queued first; the sync notes last_lsn (60) and queues behind it.

@@ -132,7 +132,7 @@ def read_records(
         CorruptionError: a batch up to `stop` is invalid, or the LSNs have a gap.
         WalError: a read failed (the OSError is its cause).
     """
-    return _records(_batches(store, segments, start, stop, ncuts=len(store.cuts)), store)
+    return _records(_batches(store, segments, start, stop, ncuts=_cuts_before(store)), store)
 
 
 async def _records(
@@ -148,6 +148,12 @@ async def _records(
                     raise _cut_error(removed)
                 yield Record(lsn, data)
                 lsn += 1
+
+
+def _cuts_before(store: Store) -> int:
+    """How many truncate_back calls a read starting now has behind it: a cut committed but
+    still under way counts as one made while the read runs (it removes as the read goes)."""
+    return len(store.cuts) - (1 if store.cutting else 0)
 
 
 def _removed_from(store: Store, lsn: int, ncuts: int) -> int:
@@ -173,7 +179,7 @@ def read_batches(
     store: Store, segments: tuple[int, ...], start: int, stop: int
 ) -> AsyncGenerator[Batch, None]:
     """As `read_records`, a batch at a time, saying where units end."""
-    return _batches(store, segments, start, stop, units=True, ncuts=len(store.cuts))
+    return _batches(store, segments, start, stop, units=True, ncuts=_cuts_before(store))
 
 
 async def _batches(
