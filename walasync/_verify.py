@@ -98,9 +98,23 @@ def verify(
     """
     io = io or FileIO()
     report, _ = check(io, path, progress)
-    if report.problem is not None and report.locked:
-        report, _ = check(io, path, progress)  # the writer may have moved on meanwhile
+    # Beside a running writer, a problem may be the writer moving on under the walk (a
+    # rotation between listing and reading): real damage stays where it is, so a problem
+    # counts once two walks in a row find it at the same place.
+    for _ in range(_RECHECKS):
+        if report.problem is None or not report.locked:
+            break
+        again, _ = check(io, path, progress)
+        if again.problem is not None and (again.problem.path, again.problem.offset) == (
+            report.problem.path,
+            report.problem.offset,
+        ):
+            return again
+        report = again
     return report
+
+
+_RECHECKS = 8  # walks at most, beside a writer, to tell damage from a race with it
 
 
 def check(
