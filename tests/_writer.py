@@ -30,7 +30,9 @@ on stdout, one line per event, flushed as it is written:
 A unit's acknowledgement lines are written with one `write` (atomic on a pipe), so after
 SIGKILL a reader of the pipe sees all of them or none. Meanwhile N reader coroutines
 (default 2) read stretches of the log as it grows and check every record they get; a
-`TruncatedError` is fine if the LSN the read was at is below `first_lsn` by then.
+`TruncatedError` is fine if the LSN the read was at is below `first_lsn` by then, or a
+`truncate_back` that may have run since the read began removed it; none may give a
+record that a `truncate_back` which returned removed.
 
 `--truncate` adds a coroutine that calls `truncate_front` every few milliseconds, at an
 LSN from `first_lsn - 50` to `last_lsn + 1` (mostly keeping up to the last 3000 records,
@@ -117,11 +119,10 @@ def check_record(data: bytes) -> None:
         raise AssertionError(f"record {run}/{writer}/{seq} has the wrong content")
 
 
-# Open bugs (tests/test_cut_races.py, strict xfails) the readers here run into within a
-# few rounds: a read reaching records that a truncate_back is removing raises
-# CorruptionError (zeroed records) or WalError (ENOENT: a deleted segment) instead of
-# TruncatedError. Tolerated (only while a cut may have run
-# since the read began) until it is fixed; then set this to False.
+# A bug fixed since (tests/test_cut_races.py) that the readers here ran into within a few
+# rounds: a read reaching records that a truncate_back was removing raised CorruptionError
+# (zeroed records) or WalError (ENOENT: a deleted segment) instead of TruncatedError.
+# True tolerates it while a cut may have run since the read began.
 CUT_READ_BUG = False
 
 

@@ -135,6 +135,33 @@ async def test_a_read_crossing_into_a_segment_a_cut_emptied_raises_truncated_err
         assert await following == Record(4, b"new")
 
 
+@pytest.mark.parametrize("follow", [False, True])
+@pytest.mark.parametrize("keep", [3, 2])  # 3: the second segment stays, empty; 2: it goes
+async def test_a_read_that_gave_a_whole_segment_then_crosses_a_cut(
+    log_dir: Path, follow: bool, keep: int
+) -> None:
+    """As above, but the read has given the last record of the segment (it holds no more
+    of it) when the cut empties or deletes the next one; the model's slow followers found
+    the deleted case (WalError, ENOENT, before the fix on main)."""
+    async with walasync.open(log_dir, **small()) as wal:
+        units = [wal.append(bytes(1000)) for _ in range(3)]  # one batch, three units
+        assert await asyncio.gather(*units) == [1, 2, 3]
+        assert await wal.append(bytes(2000)) == 4  # no room left: the second segment
+        assert wal._store.snapshot() == (1, 4)
+        reading = wal.read(1, follow=follow)
+        assert [(await reading.__anext__()).lsn for _ in range(3)] == [1, 2, 3]
+        await wal.truncate_back(keep)
+        if not follow or keep < 3:  # a plain read reaches 4; this follower gave 3
+            with pytest.raises(TruncatedError):
+                await reading.__anext__()
+            return
+        following = asyncio.ensure_future(reading.__anext__())
+        await until(lambda: following.done() or len(wal._batcher._watchers) == 1, "a wait")
+        assert not following.done(), following.result()
+        await wal.append(b"new")
+        assert await following == Record(4, b"new")
+
+
 async def test_a_read_reaching_a_cut_in_progress_raises_truncated_error(
     log_dir: Path,
 ) -> None:
