@@ -517,14 +517,7 @@ class KeyedLog:
             self._orphan()  # its record may still be written: the log will tell
             raise
         if lsn == self._applied + 1 and gen == self._gen and self._rebuilt is None:
-            m = self._map
-            old = m.get(key)
-            if old is None:
-                m[key] = lsn
-            elif isinstance(old, int):
-                m[key] = array("Q", (old, lsn))
-            else:
-                old.append(lsn)
+            self._index_add(key, lsn)
             self._applied = lsn
             if lsn - self._snap_base >= self._snap_at:
                 self._snapshot_soon()
@@ -578,16 +571,21 @@ class KeyedLog:
         if deleted:
             m.pop(key, None)
         else:
-            old = m.get(key)
-            if old is None:
-                m[key] = lsn
-            elif isinstance(old, int):
-                m[key] = array("Q", (old, lsn))
-            else:
-                old.append(lsn)
+            self._index_add(key, lsn)
         self._applied = lsn
         if lsn - self._snap_base >= self._snap_at:
             self._snapshot_soon()
+
+    def _index_add(self, key: Key, lsn: int) -> None:
+        """Record that `key` has a record at `lsn` (one LSN as an int, more as an array)."""
+        m = self._map
+        old = m.get(key)
+        if old is None:
+            m[key] = lsn
+        elif isinstance(old, int):
+            m[key] = array("Q", (old, lsn))
+        else:
+            old.append(lsn)
 
     def _drain(self) -> None:
         """Apply the parked records that now follow `_applied`; wake who waits for them."""
