@@ -72,13 +72,21 @@ async def serve(
             except (ConnectionError, walasync.ClosedError):
                 pass  # the client went away, or the server is stopping: no reply owed
             finally:
-                writer.close()
+                await _close(writer)
 
         server = await asyncio.start_server(handle, HOST, port, backlog=1024)
         async with server:
             if ready is not None:
                 ready.set_result(server.sockets[0].getsockname()[1])
             await stop.wait()
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    """Close a connection and wait for it, so that a reset peer's error is consumed (Python
+    3.10 logs "Future exception was never retrieved" otherwise)."""
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
 
 
 # -- the load client ---------------------------------------------------------------------------
@@ -116,7 +124,7 @@ async def load(
         except OSError:
             return  # reset by a killed server
         finally:
-            writer.close()
+            await _close(writer)
 
     await asyncio.gather(*(connection(n) for n in range(connections)))
 
@@ -131,7 +139,7 @@ async def get(port: int, keys: list[str]) -> dict[str, bytes | None]:
             reply = (await reader.readline()).rstrip(b"\n")
             out[key] = None if reply == b"NONE" else reply.split(b" ", 2)[2]
     finally:
-        writer.close()
+        await _close(writer)
     return out
 
 
