@@ -6,6 +6,9 @@ async with walasync.open("data/orders.wal") as wal:
         ...
 """
 
+from importlib.machinery import EXTENSION_SUFFIXES as _EXTENSION_SUFFIXES
+
+from . import _batcher
 from ._inspect import LogInfo as LogInfo
 from ._inspect import SegmentState as SegmentState
 from ._inspect import describe as describe
@@ -13,6 +16,7 @@ from ._io import FileIO as FileIO
 from ._keyed import KeyedLog as KeyedLog
 from ._keyed import KeyedRecord as KeyedRecord
 from ._keyed import open_keyed as open_keyed
+from ._open import open as open
 from ._opener import Opener as Opener
 from ._options import Durability as Durability
 from ._options import Options as Options
@@ -31,7 +35,6 @@ from ._verify import Problem as Problem
 from ._verify import VerifyReport as VerifyReport
 from ._verify import verify as verify
 from ._wal import Wal as Wal
-from ._wal import open as open
 from .errors import ApplyError as ApplyError
 from .errors import BrokenLogError as BrokenLogError
 from .errors import ClosedError as ClosedError
@@ -49,7 +52,12 @@ from .errors import WrongLoopError as WrongLoopError
 
 __version__ = "0.1.0"
 
+#: Whether the append path runs compiled (mypyc) rather than as pure Python: see README.md,
+#: "Performance". Both behave the same; the compiled build is faster.
+COMPILED: bool = _batcher.__file__.endswith(tuple(_EXTENSION_SUFFIXES))
+
 __all__ = (
+    "COMPILED",
     "ApplyError",
     "Batch",
     "BrokenLogError",

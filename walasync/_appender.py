@@ -50,6 +50,11 @@ class NotWritten(Exception):
     """A batch was not written at all: making its new segment failed before the log was
     touched. The cause is an OSError; the log stays usable."""
 
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(cause)
+        # Kept apart from `__cause__`, which compiled code (mypyc) does not set on `raise from`.
+        self.cause = cause
+
 
 class StoreFailed(Exception):
     """A write or fdatasync failed earlier: nothing more is written (a retried fdatasync
@@ -116,10 +121,10 @@ class Appender:
             raise AssertionError(f"batch LSN {first_lsn} != expected {self.next_lsn}")
         try:
             self._write(first_lsn, records, sync, joined)
-        except NotWritten as exc:
-            self._refused = exc.__cause__
+        except NotWritten as refused:
+            self._refused = refused.cause
             raise
-        except BaseException as exc:
+        except BaseException as exc:  # (named apart: compiled, one name has one type)
             self.failed = exc
             raise
         self._refused = None

@@ -65,7 +65,7 @@ _CHUNK = 128  # acknowledged appenders woken per loop pass (see `_resolve`)
 
 def _not_written(exc: NotWritten) -> WalError:
     """The error for the appenders of a batch that was not written at all."""
-    cause = exc.__cause__
+    cause = exc.cause
     if isinstance(cause, OSError):
         return map_os_error(
             cause,
@@ -89,7 +89,7 @@ class Batcher:
         on_rotate: Callable[[], object] | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
-        self._thread = _get_ident()
+        self._owner_thread = _get_ident()
         self.appender = Appender(
             store,
             last,
@@ -171,7 +171,7 @@ class Batcher:
         """
         # The loop running on the loop's own thread is the loop: two cheap calls instead of
         # `asyncio.get_running_loop()`, which makes a getpid() system call each time.
-        if _get_ident() != self._thread or not self._loop.is_running():
+        if _get_ident() != self._owner_thread or not self._loop.is_running():
             self.check()
         size = len(data)
         if size > self._max_record:

@@ -46,10 +46,10 @@ from typing import Any, NamedTuple, TypeAlias, TypeVar
 from crc32c import crc32c
 
 from ._io import FileIO
+from ._open import open as open_wal
 from ._opener import Opener
 from ._reader import Record
 from ._wal import Wal
-from ._wal import open as open_wal
 from .errors import (
     BrokenLogError,
     ClosedError,

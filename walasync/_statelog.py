@@ -47,10 +47,10 @@ from typing import Any, Generic, Protocol, TypeVar
 from crc32c import crc32c
 
 from ._io import FileIO, read_file, replace_file
+from ._open import open as open_wal
 from ._opener import Opener, require_loop
 from ._options import Options
 from ._wal import Wal
-from ._wal import open as open_wal
 from .errors import (
     ApplyError,
     BrokenLogError,

@@ -41,8 +41,8 @@ class Worker:
     def __init__(self, name: str) -> None:
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._last: Callable[[], object] | None = None
-        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
-        self._thread.start()
+        self._io_thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._io_thread.start()
 
     def run(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """Queue `fn(*args)`; the returned future gets its result or exception."""

@@ -58,11 +58,11 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
 from . import _format as fmt
+from ._open import open as open_wal
 from ._reader import Batch
 from ._readonly import ReadOnlyWal
 from ._store import SegmentInfo
 from ._wal import Buffer, DropHook, Wal
-from ._wal import open as open_wal
 from .errors import BrokenLogError, ClosedError, TruncatedError, WalError
 
 __all__ = (
