@@ -299,3 +299,42 @@ async def test_a_replicator_ships_a_read_only_log_only_if_it_reads_durable_recor
                 await rep.append(b"y")
             with pytest.raises(TypeError, match="read-only"):
                 await rep.truncate_front(1)
+
+
+def test_replicate_resumes_an_emptied_stream_from_resume_from(
+    tmp_path: Path, server: str, stream: str
+) -> None:
+    """A purged stream: `replicate` says to pass --resume-from; one beyond the log is a
+    usage error; the right one ships from there. Messages carry the log's cut count."""
+    src = tmp_path / "src"
+    append(src, 1, 40)
+
+    async def cut_back() -> None:
+        async with walasync.open(src) as wal:
+            await wal.truncate_back(29)
+
+    run("asyncio", cut_back())
+    append(src, 30, 11)
+    nats_args = ("--servers", server, "--stream", stream, "--replicas", 1)
+    result = invoke("replicate", src, *nats_args, "--create")
+    assert result.exit_code == 0, result.output
+
+    async def last_cuts_then_purge() -> str:
+        import nats
+
+        nc = await nats.connect(server)
+        js = nc.jetstream()
+        last = await js.get_last_msg(stream, f"walasync.{stream}")
+        await js.purge_stream(stream)
+        await nc.close()
+        return str((last.headers or {})["Walasync-Cuts"])
+
+    assert run("asyncio", last_cuts_then_purge()) == "1"
+    append(src, 41, 20)
+    failed(invoke("replicate", src, *nats_args), "stream-content", "--resume-from")
+    failed(invoke("replicate", src, *nats_args, "--resume-from", 62), "usage", "beyond")
+    result = invoke("replicate", src, *nats_args, "--resume-from", 41)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[-1] == (
+        f"done: stream {stream} holds {src} up to LSN 60 (20 records shipped now)"
+    )

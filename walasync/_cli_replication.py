@@ -73,6 +73,8 @@ def _replication_errors(command: str, servers: list[str], stream: str) -> Iterat
         _fail(command, str(exc), "too-large")
     except wj.ReplicationGapError as exc:
         _fail(command, f"{exc} (ship the log to a new stream)", "gap")
+    except ValueError as exc:  # --resume-from beyond the log
+        _fail(command, str(exc), "usage")
     except nats.errors.NoRespondersError:
         _fail(command, f"{where}: no JetStream answers (is JetStream enabled?)", "unreachable")
     except nats.errors.Error as exc:
@@ -213,6 +215,13 @@ def _connect_options(creds: str | None) -> dict[str, Any]:
     show_default=True,
     help="Seconds between looks at the log for new records.",
 )
+@click.option(
+    "--resume-from",
+    type=click.IntRange(min=1),
+    metavar="LSN",
+    help="Where to go on when the stream is empty (purged, or aged out by max_age): the LSN "
+    "after the last one it held. Ignored when the stream has messages.",
+)
 @creds_option
 def replicate(
     directory: str,
@@ -226,6 +235,7 @@ def replicate(
     max_age: float | None,
     duplicate_window: float,
     poll_interval: float,
+    resume_from: int | None,
     creds: str | None,
 ) -> None:
     """Ship the log in DIRECTORY to a JetStream stream, from where the stream ends.
@@ -256,6 +266,7 @@ def replicate(
                 max_age=max_age,
                 duplicate_window=duplicate_window,
                 connect_options=_connect_options(creds),
+                resume_from=resume_from,
             )
             async with rep:
                 state["begin"] = state["acked"] = rep.acked_lsn

@@ -113,6 +113,16 @@ class ReadOnlyWal:
         return self._store.meta.log_id
 
     @property
+    def cuts(self) -> int:
+        """`Wal.cuts`, as of the last look."""
+        return self._store.meta.cuts
+
+    @property
+    def last_cut(self) -> int:
+        """`Wal.last_cut`, as of the last look."""
+        return self._store.meta.last_cut
+
+    @property
     def durable_only(self) -> bool:
         """True if opened with `durable_only=True`: `last_lsn` and reads stop at what is
         durable (this reader fdatasyncs what it finds)."""

@@ -148,6 +148,18 @@ class Wal:
         return self._batcher.synced_lsn
 
     @property
+    def cuts(self) -> int:
+        """How many `truncate_back` calls were ever committed on this log (kept in META):
+        only a cut changes the records at LSNs the log had, so a shipper that labels what
+        it ships with this count tells later, in O(1), whether the log was cut back since."""
+        return self._store.meta.cuts
+
+    @property
+    def last_cut(self) -> int:
+        """The first LSN the last committed `truncate_back` removed (0: never cut)."""
+        return self._store.meta.last_cut
+
+    @property
     def closed(self) -> bool:
         """True once `close()` has begun."""
         return self._closer is not None

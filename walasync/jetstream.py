@@ -23,10 +23,11 @@ duplicate window and answered as a duplicate instead of failing.
 
 Any failure (a timed-out or refused publish, a lost connection, a leader change) ends the
 shipping session: the replicator asks the stream for its last message (its headers name
-the log and its LSN range), checks that it matches the local log, and ships again from the
-next LSN, resending first the unacknowledged messages it still holds (same bytes, same
-Msg-Ids). Acknowledgements therefore come in order, and `acked_lsn` is the highest LSN the
-stream holds: on an R3 stream, a quorum of servers.
+the log, its LSN range and the log's `cuts` when its records were read), checks that it
+matches the local log (`_check_history`: O(1) unless the log was cut back since), and
+ships again from the next LSN, resending first the unacknowledged messages it still holds
+(same bytes, same Msg-Ids). Acknowledgements therefore come in order, and `acked_lsn` is
+the highest LSN the stream holds: on an R3 stream, a quorum of servers.
 
 A follower (`Follower`, `restore`) reads the stream from where its own log ends, checks
 each message (identity, frame checksum, LSN continuity: a gap or a repeat is an error) and
@@ -85,6 +86,7 @@ _log = logging.getLogger("walasync.jetstream")
 
 HEADER_LOG = "Walasync-Log"  # the source log's identity, 32 hex digits
 HEADER_LSN = "Walasync-Lsn"  # "first-last", the LSNs the message holds
+HEADER_CUTS = "Walasync-Cuts"  # the source log's `cuts` when its records were read
 HEADER_RESERVE = 512  # bytes of a message's max_payload kept for its headers
 _WRONG_LAST_SEQUENCE = 10071
 _MAX_BACKOFF = 2.0
@@ -174,6 +176,9 @@ class Message:
     lsn: int
     records: list[bytes]
     joined: tuple[int, ...]
+    cuts: int | None = None
+    """The source's `Wal.cuts` when the records were read (None: a message of an earlier
+    walasync, without the header)."""
 
     @property
     def last_lsn(self) -> int:
@@ -191,6 +196,7 @@ def decode_message(headers: dict[str, str] | None, data: bytes | None) -> Messag
     try:
         log_id = bytes.fromhex(headers[HEADER_LOG])
         first, last = (int(x) for x in headers[HEADER_LSN].split("-"))
+        cuts = int(headers[HEADER_CUTS]) if HEADER_CUTS in headers else None
     except (KeyError, ValueError):
         raise StreamContentError(
             f"a message without walasync's headers ({HEADER_LOG}, {HEADER_LSN}): the stream "
@@ -212,7 +218,7 @@ def decode_message(headers: dict[str, str] | None, data: bytes | None) -> Messag
         records = fmt.decode_records(head, payload)
     except fmt.FormatError as exc:
         raise StreamContentError(f"message {first}-{last}: {exc}") from None
-    return Message(log_id, first, records, tuple(fmt.joined_records(head, payload)))
+    return Message(log_id, first, records, tuple(fmt.joined_records(head, payload)), cuts)
 
 
 class _Connection:
@@ -332,6 +338,7 @@ class _Outgoing:
     last: int
     payload: bytes
     msg_id: str
+    cuts: int  # the local log's `cuts` its records were read under
     expected: int = 0  # the stream sequence it must follow
     fut: asyncio.Future[bytes] | None = None
     deadline: float = 0.0
@@ -356,6 +363,13 @@ class Replicator:
     While it runs it keeps retention from dropping a segment whose records the stream has
     not acknowledged (it chains itself before the log's `on_segment_drop`), unless
     `guard_retention=False`.
+
+    `resume_from` is the operator's answer when the stream holds nothing to resume from:
+    emptied by its limits (`max_age`, `max_bytes`) or purged, it no longer says where the
+    log continues. Give the LSN after the last one it held (a caught-up follower's
+    `last_lsn + 1`); from `wal.first_lsn` to the local log's last durable LSN + 1. It is
+    ignored when the stream has messages (they tell), and once this replicator has seen
+    the stream (it then knows where its own last acknowledged message ended).
     """
 
     def __init__(
@@ -375,6 +389,7 @@ class Replicator:
         ack_timeout: float = 5.0,
         guard_retention: bool = True,
         connect_options: dict[str, Any] | None = None,
+        resume_from: int | None = None,
     ) -> None:
         if isinstance(wal, ReadOnlyWal) and not wal.durable_only:
             raise ValueError(
@@ -383,6 +398,8 @@ class Replicator:
             )
         if window < 1 or pack_bytes < 1 or ack_timeout <= 0 or replicas < 1:
             raise ValueError("window, pack_bytes, replicas must be >= 1 and ack_timeout > 0")
+        if resume_from is not None and resume_from < 1:
+            raise ValueError(f"resume_from must be an LSN (>= 1), not {resume_from}")
         if duplicate_window < 2 * ack_timeout:
             raise ValueError(
                 f"duplicate_window ({duplicate_window} s) must be at least twice ack_timeout "
@@ -400,6 +417,11 @@ class Replicator:
         self._pack = pack_bytes
         self._ack_timeout = ack_timeout
         self._guard = guard_retention
+        self._resume_from = resume_from
+        # The stream sequence of the last message known to be ours, and its last LSN: an
+        # emptied stream whose last sequence is still that one continues after that LSN.
+        self._known: tuple[int, int] | None = None
+        self._cuts = 0  # the local log's `cuts` when the stream was last checked
         self._conn = _Connection(nats, connect_options or {})
         self._log_id = wal.log_id
         self._log_hex = self._log_id.hex()
@@ -580,7 +602,10 @@ class Replicator:
 
     async def _position(self, nc: NATS) -> int:
         """Check the stream and find the next LSN to ship; returns the stream's last
-        sequence. Drops from the retry queue what the stream already holds."""
+        sequence. Drops from the retry queue what the stream already holds, and all of it
+        if the local log was cut back since it was read."""
+        # Read first: a cut from now on is seen before the next publish (`_session`).
+        cuts = self.wal.cuts
         js = nc.jetstream(timeout=self._ack_timeout)
         self._limit = nc.max_payload - HEADER_RESERVE
         # A read-only log's writer's limit is unknown: a unit too large fails when it comes.
@@ -595,11 +620,24 @@ class Replicator:
         info = await self._stream(js)
         state = info.state
         last: int | None = None
+        resume_from = None
         if state.messages == 0:
-            if state.last_seq != 0:
+            if self._known is not None and self._known[0] == state.last_seq:
+                # Emptied since our last acknowledged message, and nothing stored since.
+                last = self._known[1]
+            elif self._resume_from is not None and self._known is None:
+                resume_from = last = self._resume_from - 1
+                if last > self._synced_lsn:
+                    raise ValueError(
+                        f"resume_from={self._resume_from} is beyond the local log, whose "
+                        f"last durable LSN is {self._synced_lsn}"
+                    )
+            elif state.last_seq != 0:
                 raise StreamContentError(
                     f"stream {self.stream!r} is empty but held {state.last_seq} messages "
-                    "(purged, or aged out by its limits): where the log continues is unknown"
+                    "(purged, or aged out by its limits): where the log continues is unknown; "
+                    "pass resume_from=<the LSN after the last one it held> "
+                    "(walasync replicate --resume-from)"
                 )
         else:
             at = await _message_at(js, self.stream, self.subject, state.last_seq)
@@ -613,13 +651,28 @@ class Replicator:
                     f"stream {self.stream!r} holds another log's records "
                     f"(log {msg.log_id.hex()}, not {self._log_hex})"
                 )
-            await self._check_history(msg)
+            await self._check_history(js, state, msg, cuts)
             last = msg.last_lsn
+            ignored = self._resume_from is not None and self._known is None
+            if ignored and last + 1 != self._resume_from:
+                _log.warning(
+                    "stream %s holds records up to %d: resume_from=%d ignored",
+                    self.stream,
+                    last,
+                    self._resume_from,
+                )
         start = self.wal.first_lsn if last is None else last + 1
         while self._retry and self._retry[0].last < start:
             self._retry.popleft()
-        if self._retry and self._retry[0].first != start:
+        if self._retry and (
+            self._retry[0].first != start or any(o.cuts != cuts for o in self._retry)
+        ):
             self._retry.clear()
+        if resume_from is not None and start < self.wal.first_lsn:
+            raise ReplicationGapError(
+                f"resume_from={start} is below the local log's first LSN "
+                f"({self.wal.first_lsn}): records {start}..{self.wal.first_lsn - 1} are gone"
+            )
         if start < self.wal.first_lsn:
             raise ReplicationGapError(
                 f"the stream holds records up to {start - 1}, but the local log starts at "
@@ -628,6 +681,8 @@ class Replicator:
             )
         self._seq = state.last_seq
         self._start = start
+        self._cuts = cuts
+        self._known = (state.last_seq, start - 1)
         self._advance(start - 1)
         return state.last_seq
 
@@ -685,9 +740,20 @@ class Replicator:
         if problems:
             raise StreamConfigError(f"stream {self.stream!r}: " + "; ".join(problems))
 
-    async def _check_history(self, msg: Message) -> None:
-        """The stream's last message must hold the local log's records (where the local log
-        still has them): else it is another history of the same log."""
+    async def _check_history(
+        self, js: JetStreamContext, state: api.StreamState, msg: Message, cuts: int
+    ) -> None:
+        """The stream must hold the local log's records where both have them: else it is
+        another history of the same log (cut back with `truncate_back` and rewritten).
+
+        Only a cut changes records at LSNs a log had, and each message carries the log's
+        `cuts` when its records were read; messages are shipped in order, each checked
+        against the log when it was read. So if the log's `cuts` is what the stream's last
+        message says (or 0), the stream is a prefix of the log: O(1). After one cut, the
+        records from `last_cut` on may differ: those are compared; after several (or
+        under an unlabelled message), every record both hold. The last message is always
+        compared (a copy of the log's directory that went its own way has the same
+        identity and cut count)."""
         lo = max(msg.lsn, self.wal.first_lsn)
         if msg.last_lsn > self._synced_lsn:
             raise StreamContentError(
@@ -696,11 +762,25 @@ class Replicator:
             )
         if lo > msg.last_lsn:
             return
-        local = [rec.data async for rec in self.wal.read(lo, msg.last_lsn)]
-        if local != msg.records[lo - msg.lsn :]:
+        await self._compare(msg, lo, msg.last_lsn)
+        if cuts == 0 or msg.cuts == cuts:
+            return
+        since = self.wal.last_cut if msg.cuts == cuts - 1 else 0
+        lo = max(since, self.wal.first_lsn)
+        at = await _find(js, self.stream, self.subject, state, lo) if lo < msg.lsn else None
+        while at is not None and at[1].lsn < msg.lsn:
+            await self._compare(at[1], max(lo, at[1].lsn), at[1].last_lsn)
+            at = await _message_at(js, self.stream, self.subject, at[0] + 1)
+
+    async def _compare(self, msg: Message, lo: int, hi: int) -> None:
+        """The records `lo`..`hi` of `msg` must be the local log's."""
+        if lo > hi:
+            return
+        local = [rec.data async for rec in self.wal.read(lo, hi)]
+        if local != msg.records[lo - msg.lsn : hi - msg.lsn + 1]:
             raise StreamContentError(
-                f"stream {self.stream!r}: records {lo}..{msg.last_lsn} differ from the local "
-                "log's (it was cut back and rewritten after they were shipped?)"
+                f"stream {self.stream!r}: records {lo}..{hi} differ from the local log's "
+                "(it was cut back with truncate_back and rewritten after they were shipped)"
             )
 
     # -- shipping ----------------------------------------------------------------------------
@@ -797,6 +877,10 @@ class Replicator:
         try:
             while True:
                 while len(window) < self._window and (retry or buf):
+                    if self.wal.cuts != self._cuts:
+                        # Cut back since the stream was checked: what was read may be gone
+                        # (a cut below where this session started is seen only here).
+                        raise _PublishError("the local log was cut back: checking the stream")
                     out = retry.popleft() if retry else self._next_message(buf, state)
                     if state["bytes"] < 4 * self._pack:
                         room.set()
@@ -816,6 +900,7 @@ class Replicator:
                             "Nats-Expected-Last-Sequence": str(out.expected),
                             HEADER_LOG: self._log_hex,
                             HEADER_LSN: f"{out.first}-{out.last}",
+                            HEADER_CUTS: str(out.cuts),
                         },
                     )
                     self.sent_messages += 1
@@ -826,7 +911,12 @@ class Replicator:
                     self._acked(out, out.fut.result())
                     self.error = None
                 if reader.done():
-                    reader.result()  # raises what stopped the reader
+                    try:
+                        reader.result()  # raises what stopped the reader
+                    except TruncatedError as exc:
+                        if self.wal.cuts == self._cuts:
+                            raise  # truncate_front: records gone before they were shipped
+                        raise _PublishError(f"the local log was cut back: {exc}") from exc
                     if not window and not buf and not retry:
                         return  # the log was closed, and everything read is acknowledged
                 if window or not (buf or retry):
@@ -868,6 +958,7 @@ class Replicator:
                 f"{out.first}-{out.last} stored at sequence {resp.get('seq')}, "
                 f"expected {out.expected + 1}"
             )
+        self._known = (out.expected + 1, out.last)
         self._advance(out.last)
 
     def _next_message(self, buf: deque[tuple[Batch, int]], state: dict[str, int]) -> _Outgoing:
@@ -928,6 +1019,7 @@ class Replicator:
             last,
             _encode(self._log_id, first, records, joined),
             f"walasync:{self._log_hex}:{first}-{last}",
+            self._cuts,
         )
 
 
