@@ -360,3 +360,57 @@ async def test_a_follower_from_another_loop_is_a_wrong_loop_error(log_dir: Path)
             await asyncio.to_thread(asyncio.run, foreign())
         assert waiting(wal) == 0
         assert [r async for r in wal.read(follow=True, end=1)] == [Record(1, b"a")]
+
+
+# -- the latest batches, from the writer's memory ---------------------------------------------
+
+
+async def test_a_follower_at_the_tail_reads_from_memory_and_matches_the_file(
+    log_dir: Path,
+) -> None:
+    """Batches written while a follower runs come from the writer's memory (no file read);
+    they are the records the file holds, units and all."""
+    async with walasync.open(log_dir) as wal:
+        batches = wal.read_batches(1, follow=True)
+        first = asyncio.ensure_future(anext(batches))
+        await until(lambda: waiting(wal) == 1, "the follower to wait")
+        held = wal._batcher._recent
+        await wal.append(b"a")
+        await wal.append_many([b"b", b"c", b"d"])
+        await wal.append(b"e")
+        assert [b.lsn for b in held] == [1, 2, 5]  # kept while the follower runs
+        got = [await first]
+        while sum(len(b.records) for b in got) < 5:
+            got.append(await anext(batches))
+        await batches.aclose()
+        assert not held  # let go with the last follower
+        from_file = [b async for b in wal.read_batches(1, 5)]
+        assert got == from_file
+        assert [r for b in got for r in b.records] == [b"a", b"b", b"c", b"d", b"e"]
+        assert got[1].joined == (0, 1)
+
+
+@pytest.mark.parametrize("cut", [2, 1])
+async def test_a_cut_under_batches_held_in_memory(log_dir: Path, cut: int) -> None:
+    """A follower holding one batch of several taken from memory at once: a truncate_back
+    below the next ones ends their handing out. Cut right after what it gave: the follower
+    goes on with the records appended after the cut (never the removed ones); cut below
+    what it gave: TruncatedError."""
+    async with walasync.open(log_dir) as wal:
+        batches = wal.read_batches(1, follow=True)
+        first = asyncio.ensure_future(anext(batches))
+        await until(lambda: waiting(wal) == 1, "the follower to wait")
+        await wal.append(b"1")
+        assert (await first).records == [b"1"]
+        await wal.append(b"2")
+        await wal.append(b"3")  # two batches, kept: the follower takes both in one pass
+        assert (await anext(batches)).records == [b"2"]
+        await wal.truncate_back(cut)  # removes 3 (and 2, with cut=1)
+        if cut == 1:
+            with pytest.raises(walasync.TruncatedError):
+                await anext(batches)
+            return
+        nxt = asyncio.ensure_future(anext(batches))
+        await wal.append(b"after the cut")
+        assert await nxt == walasync.Batch(3, [b"after the cut"], ())
+        await batches.aclose()

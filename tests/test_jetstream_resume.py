@@ -412,3 +412,86 @@ def test_a_stream_of_unlabelled_messages_is_read_and_checked(
         await nc.close()
 
     run("asyncio", main())
+
+
+# -- a consumer that skips or repeats a delivery ------------------------------------------------
+
+
+class _Glitching:
+    """A subscription that drops (or repeats) its `n`-th delivery once: what JetStream
+    consumers have done around leader changes (nats-server #6526, #6566)."""
+
+    def __init__(self, sub: Any, n: int, repeat: bool) -> None:
+        self._sub, self._n, self._repeat, self._held = sub, n, repeat, None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sub, name)
+
+    async def next_msg(self, timeout: float = 1.0) -> Any:
+        if self._held is not None:
+            msg, self._held = self._held, None
+            return msg
+        msg = await self._sub.next_msg(timeout=timeout)
+        self._n -= 1
+        if self._n == 0:
+            if self._repeat:
+                self._held = msg  # given twice
+            else:
+                msg = await self._sub.next_msg(timeout=timeout)  # the n-th never given
+        return msg
+
+
+@pytest.mark.parametrize("repeat", [False, True])
+def test_a_skipped_or_repeated_delivery_is_fetched_again(
+    single: Cluster, stream: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, repeat: bool
+) -> None:
+    """The follower checks each delivery's stream sequence: one out of order while the
+    stream holds the message due is the consumer's error, not the stream's, and a new
+    subscription from the local log's end fetches it; the replica is exact."""
+    glitches = 0
+    subscribe = nats.js.JetStreamContext.subscribe
+
+    async def glitching(self: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal glitches
+        sub = await subscribe(self, *args, **kwargs)
+        glitches += 1
+        return _Glitching(sub, 3, repeat) if glitches == 1 else sub
+
+    async def main() -> None:
+        async with walasync.open(tmp_path / "src", **OPTS) as wal:
+            kw: dict[str, Any] = {"stream": stream, "create": True, "replicas": 1}
+            async with wj.Replicator(wal, single.urls, pack_bytes=256, **kw) as rep:
+                await put(wal, 1, 200)
+                await asyncio.wait_for(rep.flush(), 30)
+            monkeypatch.setattr(nats.js.JetStreamContext, "subscribe", glitching)
+            assert await stream_records(single.urls, stream, tmp_path / "replica") == (
+                await local(wal)
+            )
+            assert glitches == 2  # the first subscription glitched, the second did not
+
+    run("asyncio", main())
+
+
+def test_a_message_deleted_inside_the_stream_is_a_gap(
+    single: Cluster, stream: str, tmp_path: Path
+) -> None:
+    """A sequence the stream no longer holds (deleted): the delivery after it is out of
+    order for good, a `StreamContentError`, not a subscription retried for ever."""
+
+    async def main() -> None:
+        async with walasync.open(tmp_path / "src", **OPTS) as wal:
+            kw: dict[str, Any] = {"stream": stream, "create": True, "replicas": 1}
+            async with wj.Replicator(wal, single.urls, pack_bytes=256, **kw) as rep:
+                await put(wal, 1, 200)
+                await asyncio.wait_for(rep.flush(), 30)
+        nc = await nats.connect(single.urls)
+        try:
+            await nc.jetstream().delete_msg(stream, 3)
+        finally:
+            await nc.close()
+        with pytest.raises(wj.StreamContentError, match="a gap"):
+            await asyncio.wait_for(
+                wj.restore(single.urls, stream, tmp_path / "replica", **OPTS), 30
+            )
+
+    run("asyncio", main())

@@ -43,6 +43,7 @@ from time import perf_counter as _clock
 from ._appender import Appender, NotWritten
 from ._opener import require_loop
 from ._options import Durability, Options
+from ._reader import Batch
 from ._stats import RECORD_BOUNDS, SECOND_BOUNDS, Buckets
 from ._store import LastSegment, Store
 from ._worker import Worker
@@ -61,6 +62,7 @@ _log = logging.getLogger("walasync")
 _RECORD_OVERHEAD = 4  # the record's entry in its batch's length table
 _PIPELINE = 2  # batches in flight at most: one being written, the next one queued behind it
 _CHUNK = 128  # acknowledged appenders woken per loop pass (see `_resolve`)
+_RECENT_BYTES = 8 << 20  # record bytes of the latest batches kept for followers (see `recent`)
 
 
 def _not_written(exc: NotWritten) -> WalError:
@@ -120,10 +122,15 @@ class Batcher:
         self._sync_waiters: list[tuple[int, asyncio.Future[None]]] = []
         # Batches handed to the I/O thread and not yet reported back, oldest first: first
         # LSN, futures, then for the stats: appends, record bytes, when its oldest record was
-        # queued and when it was taken.
+        # queued and when it was taken; then, while followers run, the batch for `recent`.
         self._flight: deque[
-            tuple[int, list[asyncio.Future[int] | None], int, int, float, float]
+            tuple[int, list[asyncio.Future[int] | None], int, int, float, float, Batch | None]
         ] = deque()
+        # The latest batches written, oldest first, with no gap, while followers run: they
+        # read what was just written from here instead of from the file (see `recent`).
+        self._recent: deque[Batch] = deque()
+        self._recent_bytes = 0
+        self._followers = 0
         self._timer: asyncio.Handle | None = None  # the next batch, scheduled
         self._idle = True  # no send scheduled, and the pipeline has room for one
         self._drained: asyncio.Future[None] | None = None  # set once closed and drained
@@ -352,7 +359,8 @@ class Batcher:
         self.next_lsn = first + len(records)
         self.in_flight += len(records)
         nbytes = size - _RECORD_OVERHEAD * len(records)
-        self._flight.append((first, futures, appends, nbytes, since, taken))
+        kept = Batch(first, records, tuple(joined)) if self._followers else None
+        self._flight.append((first, futures, appends, nbytes, since, taken, kept))
         self._idle = len(self._flight) < _PIPELINE
         self._worker.submit(
             self._loop, self.appender.write_batch, (first, records, self._fsync, joined), self._sent
@@ -361,7 +369,7 @@ class Batcher:
     def _sent(self, _: object, exc: BaseException | None) -> None:
         """On the loop, once the I/O thread has written (and made durable) the oldest batch
         in flight."""
-        first, futures, appends, nbytes, since, taken = self._flight.popleft()
+        first, futures, appends, nbytes, since, taken, kept = self._flight.popleft()
         self.in_flight -= len(futures)
         if exc is None and self.failure is not None:  # the log broke while this was in flight
             exc = self.failure
@@ -387,6 +395,8 @@ class Batcher:
             self.appended_bytes += nbytes
             self.batches += 1
             self.batch_records.add(len(futures))
+            if kept is not None and self._followers:
+                self._keep(kept, nbytes)
             if self._on_rotate is not None and self.appender.rotations != self._rotations:
                 self._rotations = self.appender.rotations
                 self._on_rotate()
@@ -518,6 +528,7 @@ class Batcher:
             self.acked_lsn = lsn
             if removed:  # the cut made what it kept durable first (a no-op cut did not)
                 self.synced_lsn = lsn
+                self._forget_recent()  # held records the cut removed; later ones reuse LSNs
             self.appender.store.cutting = 0  # the watermarks show the cut from here on
             self._sync_waiters = [(t - removed, d) for t, d in self._sync_waiters]
             self._wake_syncers()
@@ -566,6 +577,54 @@ class Batcher:
     def unwatch(self, fut: asyncio.Future[None]) -> None:
         """Forget a watcher (its follower stopped waiting: it was cancelled, say)."""
         self._watchers.discard(fut)
+
+    def keep_recent(self, keep: bool) -> None:
+        """One more follower (True) wants the latest batches kept in memory, or one fewer
+        (False); with none left, they are let go."""
+        self._followers += 1 if keep else -1
+        if not self._followers:
+            self._forget_recent()
+
+    def recent(self, start: int, upto: int) -> list[Batch] | None:
+        """The records `start`..`upto` as batches kept in memory (new lists of the same
+        records), or None unless every one of them is kept.
+
+        A follower at the tail reads what was just written from here: no file read, no
+        executor hop, no checksum and decoding of data this process wrote itself. Only
+        written batches are kept, and the caller asks for no more than `synced_lsn`.
+        """
+        held = self._recent
+        if not held or held[0].lsn > start:
+            return None
+        last = held[-1]
+        if last.lsn + len(last.records) <= upto:
+            return None
+        i = len(held) - 1
+        while held[i].lsn > start:  # followers read near the newest end
+            i -= 1
+        out = []
+        for lsn, records, joined in islice(held, i, None):
+            if lsn > upto:
+                break
+            lo, hi = max(start - lsn, 0), min(upto - lsn + 1, len(records))
+            out.append(
+                Batch(lsn + lo, records[lo:hi], tuple(j - lo for j in joined if lo <= j < hi))
+            )
+        return out
+
+    def _keep(self, batch: Batch, nbytes: int) -> None:
+        held = self._recent
+        if held and held[-1].lsn + len(held[-1].records) != batch.lsn:
+            self._forget_recent()  # no gap may hide in the middle
+        held.append(batch)
+        self._recent_bytes += nbytes
+        while self._recent_bytes > _RECENT_BYTES and len(held) > 1:
+            old = held.popleft()
+            self._recent_bytes -= sum(map(len, old.records))
+
+    def _forget_recent(self) -> None:
+        self._recent.clear()
+        self._recent_bytes = 0
 
     def _wake_watchers(self) -> None:
         watchers, self._watchers = self._watchers, set()

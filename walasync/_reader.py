@@ -78,6 +78,16 @@ class Watermark(Protocol):
         """Forget a future from `watch` that nobody awaits any more."""
         ...
 
+    def keep_recent(self, keep: bool) -> None:
+        """A follower begins (True) or ends (False): keep the latest batches in memory for
+        `recent` while any runs."""
+        ...
+
+    def recent(self, start: int, upto: int) -> list[Batch] | None:
+        """Records `start`..`upto` (durable, at most `synced_lsn`) from memory, as batches,
+        or None if the writer does not hold all of them."""
+        ...
+
 
 async def _finish(job: asyncio.Future[T]) -> T:
     """The result of an executor job. If the caller is cancelled meanwhile, the job (which
@@ -354,37 +364,54 @@ async def follow_batches(
         CorruptionError, WalError: as `read_records`.
     """
     cuts, seen = store.cuts, len(store.cuts)
-    while True:
-        if len(cuts) != seen:  # truncate_back: did it remove records this follower gave?
-            if min(cuts[seen:]) < start:
-                raise TruncatedError(
-                    f"records from {min(cuts[seen:])} on, some of them already yielded, were "
-                    "removed by truncate_back"
-                )
-            seen = len(cuts)
-        upto = min(stop, watermark.synced_lsn)
-        if store.cutting:  # a cut is under way: what it removes is not there to follow
-            upto = min(upto, store.cutting - 1)
-        if start <= upto:
-            # The watermark first: every segment with a record up to it is in the snapshot.
-            segments = store.snapshot()
-            try:
-                async with contextlib.aclosing(
-                    _batches(store, segments, start, upto, units)
-                ) as batches:
-                    async for batch in batches:
+    watermark.keep_recent(True)
+    try:
+        while True:
+            if len(cuts) != seen:  # truncate_back: did it remove records this follower gave?
+                if min(cuts[seen:]) < start:
+                    raise TruncatedError(
+                        f"records from {min(cuts[seen:])} on, some of them already yielded, were "
+                        "removed by truncate_back"
+                    )
+                seen = len(cuts)
+            upto = min(stop, watermark.synced_lsn)
+            if store.cutting:  # a cut is under way: what it removes is not there to follow
+                upto = min(upto, store.cutting - 1)
+            if start <= upto and start >= store.meta.first_lsn:
+                recent = watermark.recent(start, upto)
+                if recent is not None:  # just written: from the writer's memory
+                    for batch in recent:
                         yield batch
-                        # The caller asks for the next batch once it is done with this one.
                         start = batch.lsn + len(batch.records)
-            except TruncatedError:
-                # A cut at or after what this follower gave is no loss to it: the records
-                # that follow the cut come in the next pass.
-                if start < store.meta.first_lsn or len(cuts) == seen or min(cuts[seen:]) < start:
-                    raise
-                continue
-            start = upto + 1
-        elif start > stop or not await _moved(watermark):
-            return
+                        if len(cuts) != seen or store.cutting or start < store.meta.first_lsn:
+                            break  # a truncation meanwhile: the checks above, or the file's
+                    continue
+            if start <= upto:
+                # The watermark first: every segment with a record up to it is in the snapshot.
+                segments = store.snapshot()
+                try:
+                    async with contextlib.aclosing(
+                        _batches(store, segments, start, upto, units)
+                    ) as batches:
+                        async for batch in batches:
+                            yield batch
+                            # The caller asks for the next batch once it is done with this one.
+                            start = batch.lsn + len(batch.records)
+                except TruncatedError:
+                    # A cut at or after what this follower gave is no loss to it: the records
+                    # that follow the cut come in the next pass.
+                    if (
+                        start < store.meta.first_lsn
+                        or len(cuts) == seen
+                        or min(cuts[seen:]) < start
+                    ):
+                        raise
+                    continue
+                start = upto + 1
+            elif start > stop or not await _moved(watermark):
+                return
+    finally:
+        watermark.keep_recent(False)
 
 
 async def _moved(watermark: Watermark) -> bool:

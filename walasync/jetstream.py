@@ -1023,6 +1023,16 @@ class Replicator:
         )
 
 
+class _Redeliver(Exception):
+    """A consumer's delivery out of the stream's order: a new session subscribes again."""
+
+
+async def _stored_at(js: JetStreamContext, follower: Follower, seq: int) -> bool:
+    """Whether the stream has a message at sequence `seq` (not deleted or expired)."""
+    at = await _message_at(js, follower.stream, follower.subject, seq)
+    return at is not None and at[0] == seq
+
+
 class _PublishError(Exception):
     """A publish failed in a way that a new session from the stream's state cures."""
 
@@ -1145,6 +1155,15 @@ class Follower:
                     )
                 if message.lsn != nxt:
                     what = "a gap" if message.lsn > nxt else "a repeat"
+                    delivered = msg.metadata.sequence.stream
+                    if delivered != start_seq and await _stored_at(js, self, start_seq):
+                        # The stream holds the message due next, the consumer skipped or
+                        # repeated it (JetStream has had such bugs around leader changes).
+                        raise _Redeliver(
+                            f"the consumer delivered sequence {delivered} "
+                            f"({message.lsn}-{message.last_lsn}), not {start_seq} ({what}): "
+                            "subscribing again"
+                        )
                     raise StreamContentError(
                         f"stream {self.stream!r}: expected LSN {nxt}, the next message holds "
                         f"{message.lsn}-{message.last_lsn} ({what})"
