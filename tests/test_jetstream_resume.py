@@ -495,3 +495,25 @@ def test_a_message_deleted_inside_the_stream_is_a_gap(
             )
 
     run("asyncio", main())
+
+
+async def test_a_cancelled_follower_stops_even_if_its_client_swallows_the_cancel() -> None:
+    """nats-py's `next_msg` awaits an inner task whose `wait_for` may return a message that
+    arrived with the cancellation, swallowing it; `Follower.run(follow=True)` then never
+    stopped (a benchmark hung on it). Here a subscription that always swallows it."""
+    got = asyncio.Event()
+
+    class Swallowing:
+        async def next_msg(self, timeout: float = 1.0) -> str:
+            got.set()
+            try:
+                await asyncio.sleep(timeout)
+            except asyncio.CancelledError:
+                return "a message that came with the cancellation"
+            raise nats.errors.TimeoutError
+
+    task = asyncio.ensure_future(wj._next_msg(Swallowing(), 30))
+    await got.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task

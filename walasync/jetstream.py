@@ -1023,6 +1023,20 @@ class Replicator:
         )
 
 
+async def _next_msg(sub: Any, timeout: float) -> Msg:
+    """`sub.next_msg(timeout)`, which a cancellation always interrupts: nats-py awaits an
+    inner task whose `wait_for` can return a message that arrives with the cancellation
+    and so swallow it (Python 3.10-3.11), and a cancelled `Follower.run(follow=True)` would
+    then go on for ever. A message taken meanwhile is left: the local log says where to
+    resume."""
+    get = asyncio.ensure_future(sub.next_msg(timeout=timeout))
+    try:
+        return await asyncio.shield(get)
+    except asyncio.CancelledError:
+        get.cancel()
+        raise
+
+
 class _Redeliver(Exception):
     """A consumer's delivery out of the stream's order: a new session subscribes again."""
 
@@ -1140,7 +1154,7 @@ class Follower:
                     if not follow and start_seq > target:
                         return True
                 try:
-                    msg = await sub.next_msg(timeout=idle_timeout)
+                    msg = await _next_msg(sub, idle_timeout)
                 except nats.errors.TimeoutError:
                     if follow:
                         continue
