@@ -28,6 +28,7 @@ of 3 s windows, about two minutes::
 
     python benchmarks/bench_replication.py [--duration 3] [--reps 3] [--rate 50000]
         [--modes local,ship,backlog,replicated,follower,sidecar,sidecar-backlog] [--dir DIR]
+        [--servers URL,URL,URL]   (an existing cluster, on other machines)
 """
 
 from __future__ import annotations
@@ -212,6 +213,12 @@ def main() -> None:
     p.add_argument("--modes", default="local,ship,backlog,replicated,follower")
     p.add_argument("--dir", default=None)
     p.add_argument(
+        "--servers",
+        default=None,
+        help="URLs of an existing JetStream cluster (comma-separated; on other machines, so "
+        "that it does not share the writer's cores) instead of starting 3 local nodes",
+    )
+    p.add_argument(
         "--one", nargs=4, metavar=("MODE", "PATH", "STREAM", "URLS"), help=argparse.SUPPRESS
     )
     args = p.parse_args()
@@ -230,7 +237,9 @@ def main() -> None:
     results: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
     with tempfile.TemporaryDirectory(dir=args.dir) as root:
         cluster = Cluster(Path(root) / "nats", 3)
-        cluster.start()
+        urls = args.servers.split(",") if args.servers else cluster.urls
+        if not args.servers:
+            cluster.start()
         try:
             n = 0
             for rep in range(args.reps):
@@ -249,8 +258,8 @@ def main() -> None:
                             "--one",
                             mode,
                             path,
-                            f"B{n}",
-                            ",".join(cluster.urls),
+                            f"B{n}-{os.getpid()}",
+                            ",".join(urls),
                         ],
                         check=True,
                         capture_output=True,
@@ -259,7 +268,8 @@ def main() -> None:
                     results[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
                     print(f"rep {rep + 1} {mode}: {results[mode][-1]}", file=sys.stderr)
         finally:
-            cluster.stop()
+            if not args.servers:
+                cluster.stop()
 
     def med(mode: str, key: str) -> float | None:
         vals = [r[key] for r in results.get(mode, []) if r.get(key) is not None]
