@@ -17,6 +17,8 @@ repetition in its own process on a fresh log and a fresh R3 stream:
   ``Follower`` (hot standby, applying into its own log, on the same loop): lag p50/p99 from
   the moment ``append`` returned to the moment the follower's log held that record durably
   (every 16th LSN);
+* ``standby``: as ``follower``, but the ``Follower`` runs in its own process (as a hot
+  standby on another machine would; the one monotonic clock of the machine times it);
 * ``sidecar``: as ``ship``, but shipped by ``walasync replicate --follow`` in its own
   process (a read-only ``durable_only`` reader that fdatasyncs what it reads, polling every
   5 ms): local appends/s, and records/s the stream acknowledged in the window;
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -80,6 +83,22 @@ async def sidecar(
     line = await proc.stdout.readline()
     assert line.startswith(b"replicating"), line
     return proc
+
+
+async def standby_main(path: str, stream: str, urls: list[str]) -> None:
+    """The hot standby of mode ``standby``, in its own process: a `Follower` into its own
+    log, printing ``LSN TIME`` (``time.perf_counter``: CLOCK_MONOTONIC, one clock for every
+    process of the machine) once each sampled LSN is durable in it."""
+
+    def applied(first: int, last: int) -> None:
+        t = time.perf_counter()
+        lines = [f"{lsn} {t}" for lsn in range(first + (-first % SAMPLE), last + 1, SAMPLE)]
+        if lines:
+            print("\n".join(lines), flush=True)
+
+    async with walasync.open(path, max_record_size=8 << 20) as standby:
+        print("ready", flush=True)
+        await wj.Follower(standby, urls, stream, on_apply=applied).run(follow=True)
 
 
 async def stream_last_lsn(js: Any, stream: str) -> int:
@@ -133,6 +152,23 @@ async def repetition(
             await rep.start()
         standby = None
         follower_task = None
+        standby_proc = None
+        if mode == "standby":
+            standby_proc = await asyncio.create_subprocess_exec(
+                sys.executable, __file__, "--standby", os.path.join(path, "standby"), stream,
+                ",".join(urls), stdout=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            assert standby_proc.stdout is not None
+            assert await standby_proc.stdout.readline() == b"ready\n"
+
+            async def lags_from(out: asyncio.StreamReader) -> None:
+                async for line in out:
+                    lsn, t = line.split()
+                    at = appended_at.pop(int(lsn), None)
+                    if at is not None:
+                        lags.append(float(t) - at)
+
+            follower_task = asyncio.ensure_future(lags_from(standby_proc.stdout))
         if mode == "follower":
             standby = await walasync.open(os.path.join(path, "standby"), max_record_size=8 << 20)
 
@@ -169,7 +205,7 @@ async def repetition(
                 if lsn % SAMPLE == 0:
                     appended_at[lsn] = now()
 
-        if mode == "follower":
+        if mode in ("follower", "standby"):
             tasks = [asyncio.ensure_future(paced(k, 64)) for k in range(64)]
         else:
             tasks = [asyncio.ensure_future(appender(k)) for k in range(APPENDERS)]
@@ -196,6 +232,13 @@ async def repetition(
             result["shipped"] = (s1 - s0) / (t1 - t0)
             result["messages"] = rep.sent_messages
             await rep.close()
+        if standby_proc is not None and follower_task is not None:
+            await asyncio.sleep(0.5)  # the standby's last records of the window
+            standby_proc.terminate()
+            await standby_proc.wait()
+            await follower_task
+            result["lag_p50"] = pct(lags, 0.5)
+            result["lag_p99"] = pct(lags, 0.99)
         if follower_task is not None and standby is not None:
             follower_task.cancel()
             await asyncio.wait([follower_task])
@@ -218,10 +261,16 @@ def main() -> None:
         help="URLs of an existing JetStream cluster (comma-separated; on other machines, so "
         "that it does not share the writer's cores) instead of starting 3 local nodes",
     )
+    p.add_argument("--standby", nargs=3, metavar=("PATH", "STREAM", "URLS"), help=argparse.SUPPRESS)
     p.add_argument(
         "--one", nargs=4, metavar=("MODE", "PATH", "STREAM", "URLS"), help=argparse.SUPPRESS
     )
     args = p.parse_args()
+    if args.standby:
+        path, stream, urls = args.standby
+        with contextlib.suppress(KeyboardInterrupt):
+            _run(standby_main(path, stream, urls.split(",")))
+        return
     if args.one:
         mode, path, stream, urls = args.one
         print(

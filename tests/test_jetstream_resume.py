@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -517,3 +518,31 @@ async def test_a_cancelled_follower_stops_even_if_its_client_swallows_the_cancel
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def test_what_a_cancelled_next_msg_ends_with_is_retrieved() -> None:
+    """nats-py's `next_msg` raises ConnectionClosedError when cancelled as the client
+    closes: nothing may log it as never retrieved (the CLI's standby printed it on ^C)."""
+    got = asyncio.Event()
+
+    class Closing:
+        async def next_msg(self, timeout: float = 1.0) -> str:
+            got.set()
+            try:
+                await asyncio.sleep(timeout)
+            except asyncio.CancelledError:
+                raise nats.errors.ConnectionClosedError from None
+            raise nats.errors.TimeoutError
+
+    unretrieved: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, ctx: unretrieved.append(ctx))
+    task = asyncio.ensure_future(wj._next_msg(Closing(), 30))
+    await got.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0)
+    gc.collect()  # a task's unretrieved exception is reported when it is collected
+    await asyncio.sleep(0)
+    assert unretrieved == []

@@ -1034,6 +1034,9 @@ async def _next_msg(sub: Any, timeout: float) -> Msg:
         return await asyncio.shield(get)
     except asyncio.CancelledError:
         get.cancel()
+        # Whatever it ends with (ConnectionClosedError if the client closes meanwhile) is
+        # of no interest now, and must not be logged as never retrieved.
+        get.add_done_callback(lambda f: f.cancelled() or f.exception())
         raise
 
 
