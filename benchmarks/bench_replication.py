@@ -253,7 +253,7 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=3.0)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--rate", type=float, default=50_000)
-    p.add_argument("--modes", default="local,ship,backlog,replicated,follower")
+    p.add_argument("--modes", default="local,ship,backlog,replicated,follower,standby")
     p.add_argument("--dir", default=None)
     p.add_argument(
         "--servers",
