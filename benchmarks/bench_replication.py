@@ -29,7 +29,7 @@ The table shows medians over the repetitions (and their range). Default: 3 repet
 of 3 s windows, about two minutes::
 
     python benchmarks/bench_replication.py [--duration 3] [--reps 3] [--rate 50000]
-        [--modes local,ship,backlog,replicated,follower,sidecar,sidecar-backlog] [--dir DIR]
+        [--modes local,ship,backlog,replicated,follower,standby,sidecar,sidecar-backlog] [--dir DIR]
         [--servers URL,URL,URL]   (an existing cluster, on other machines)
 """
 
