@@ -326,7 +326,7 @@ def make_plan(args: argparse.Namespace, preset: Preset, impls: list[str]) -> Pla
     cells: Cells = {}
     notes: list[str] = []
     if "walasync-baseline" in impls and args.baseline is None:
-        if "walasync-baseline" in args.impl.split(","):
+        if args.impl != ",".join(IMPLS):  # asked for by name, not in the default list
             raise SystemExit("walasync-baseline needs --baseline DIR")
         impls = [i for i in impls if i != "walasync-baseline"]
     for g in groups:

@@ -177,6 +177,22 @@ def test_bench_runs_the_batching_benchmark(tmp_path: Path) -> None:
     assert "walasync-asyncio" in out.read_text()
 
 
+def test_bench_with_its_default_implementations(tmp_path: Path) -> None:
+    """Every implementation the README's first command runs (no --impl): it once refused
+    to start, asking for the --baseline that only walasync-baseline needs."""
+    out = tmp_path / "bench.json"
+    result = cli(
+        "bench",
+        *("--sizes", "100", "--concurrency", "2", "--many-sizes", ""),
+        *("--duration", "0.05", "--warmup", "0", "--repeats", "1"),
+        *("--dir", tmp_path, "--json", out),
+    )
+    assert result.returncode == 0, result.stderr
+    ran = {cell["impl"] for cell in json.loads(out.read_text())["cells"] if not cell["skipped"]}
+    assert {"walasync-uvloop", "walasync-asyncio", "raw", "per-record"} <= ran
+    assert "walasync-baseline" not in ran
+
+
 def test_bench_outside_a_source_checkout_says_where_it_is(tmp_path: Path) -> None:
     package = Path(walasync.__file__).parent
     shutil.copytree(package, tmp_path / "walasync", ignore=shutil.ignore_patterns("__pycache__"))
