@@ -177,6 +177,29 @@ async def test_a_read_reaching_a_cut_in_progress_raises_truncated_error(
         assert got == [Record(1, b"1")]
 
 
+async def test_a_read_starting_between_a_cuts_two_commit_steps_raises_truncated_error(
+    log_dir: Path,
+) -> None:
+    """The I/O thread commits a cut in two steps (`cuts`, then `cutting`). A read starting
+    between them (here: `cutting` put back to 0 while it starts) took the cut for one made
+    before it; reaching the zeroed records once the cut was over, it reported them as
+    corruption (the kill -9 torture, in CI)."""
+    io = HoldMetaWrite()
+    async with walasync.open(log_dir, io=io) as wal:
+        await five_records(wal)
+        async with cut_held(wal, io, 1):  # committed; records 2..5 are zeroed
+            store = wal._store
+            cutting, store.cutting = store.cutting, 0
+            reading = wal.read(1)  # up to 5: the writer's watermarks do not show the cut yet
+            store.cutting = cutting
+        assert wal.last_lsn == 1 and not store.cutting  # the cut is over
+        got = []
+        with pytest.raises(TruncatedError):
+            async for rec in reading:
+                got.append(rec)  # noqa: PERF401 - what it gave before it stopped
+        assert got == [Record(1, b"1")]
+
+
 async def test_a_follower_reaching_a_cut_in_progress_waits_for_what_follows_it(
     log_dir: Path,
 ) -> None:

@@ -529,7 +529,9 @@ class Batcher:
             if removed:  # the cut made what it kept durable first (a no-op cut did not)
                 self.synced_lsn = lsn
                 self._forget_recent()  # held records the cut removed; later ones reuse LSNs
-            self.appender.store.cutting = 0  # the watermarks show the cut from here on
+            store = self.appender.store
+            store.cuts_done = len(store.cuts)  # one step: reads from now on start after it
+            store.cutting = 0  # the watermarks show the cut from here on
             self._sync_waiters = [(t - removed, d) for t, d in self._sync_waiters]
             self._wake_syncers()
             if self._watchers:  # records became durable, or followers' records went

@@ -162,8 +162,12 @@ async def _records(
 
 def _cuts_before(store: Store) -> int:
     """How many truncate_back calls a read starting now has behind it: a cut committed but
-    still under way counts as one made while the read runs (it removes as the read goes)."""
-    return len(store.cuts) - (1 if store.cutting else 0)
+    still under way counts as one made while the read runs (it removes as the read goes).
+
+    One attribute read: the I/O thread commits a cut in two steps (`cuts`, then `cutting`),
+    and a read computed from both between them took the cut for one made before it, then
+    reported the blocks it was zeroing as corruption (kill -9 torture, CI)."""
+    return store.cuts_done
 
 
 def _removed_from(store: Store, lsn: int, ncuts: int) -> int:

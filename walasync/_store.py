@@ -85,6 +85,10 @@ class Store:
         # The first LSN a truncate_back removes, from its commit until the writer's
         # watermarks (last_lsn, synced_lsn) show it; 0 when no cut is under way.
         self.cutting = 0
+        # How many of `cuts` a read starting now has behind it: set in one step (on the
+        # writer's loop once its watermarks show a cut), so a read never takes a cut that
+        # is under way for one made before it (see `_reader._cuts_before`).
+        self.cuts_done = 0
         self.readonly = False
         self._tail: LastSegment | None = None  # (read-only) the last segment as last seen
         # How batches are written and read back: the writer's compressor (None: plain
@@ -163,6 +167,7 @@ class Store:
         cut = meta.cut or (meta.last_cut if meta.cuts != self.meta.cuts else 0)
         if cut and self._tail is not None:
             self.cuts.append(cut)  # readers that began before stop there
+            self.cuts_done = len(self.cuts)
         self.meta, self.segments = meta, segments
         tail = self._tail
         last = segments[-1]
@@ -197,6 +202,7 @@ class Store:
         cut = meta.cut or (meta.last_cut if meta.cuts != self.meta.cuts else 0)
         if cut:
             self.cuts.append(cut)
+            self.cuts_done = len(self.cuts)
         self.meta = meta
 
     def recycle(self, path: str) -> bool:
