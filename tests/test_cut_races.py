@@ -200,6 +200,30 @@ async def test_a_read_starting_between_a_cuts_two_commit_steps_raises_truncated_
         assert got == [Record(1, b"1")]
 
 
+async def test_a_follower_starting_between_a_cuts_two_commit_steps_gives_nothing_removed(
+    log_dir: Path,
+) -> None:
+    """As above, for a follower: starting between the two steps, it saw no cut under way
+    and went on towards the watermark, into the records the cut removes."""
+    io = HoldMetaWrite()
+    async with walasync.open(log_dir, io=io) as wal:
+        await five_records(wal)
+        reading = wal.read(1, follow=True)
+        async with cut_held(wal, io, 1):  # committed; records 2..5 are zeroed
+            store = wal._store
+            cutting, store.cutting = store.cutting, 0
+            first = asyncio.ensure_future(reading.__anext__())
+            await asyncio.sleep(0)  # its first pass starts: what it may read is set
+            store.cutting = cutting
+        assert await first == Record(1, b"1")
+        following = asyncio.ensure_future(reading.__anext__())
+        await until(lambda: following.done() or len(wal._batcher._watchers) == 1, "a wait")
+        assert not following.done(), following.result()
+        assert await wal.append(b"new") == 2
+        assert await following == Record(2, b"new")
+        await reading.aclose()
+
+
 async def test_a_follower_reaching_a_cut_in_progress_waits_for_what_follows_it(
     log_dir: Path,
 ) -> None:

@@ -367,7 +367,7 @@ async def follow_batches(
         BrokenLogError: the log failed (raised once every durable record was yielded).
         CorruptionError, WalError: as `read_records`.
     """
-    cuts, seen = store.cuts, len(store.cuts)
+    cuts, seen = store.cuts, store.cuts_done  # a cut under way: made while following
     watermark.keep_recent(True)
     try:
         while True:
@@ -379,8 +379,11 @@ async def follow_batches(
                     )
                 seen = len(cuts)
             upto = min(stop, watermark.synced_lsn)
-            if store.cutting:  # a cut is under way: what it removes is not there to follow
-                upto = min(upto, store.cutting - 1)
+            # A cut under way (committed, in `cuts`, before the watermarks show it): what it
+            # removes is not there to follow.
+            for under_way in (*cuts[store.cuts_done :], store.cutting):
+                if under_way:
+                    upto = min(upto, under_way - 1)
             if start <= upto and start >= store.meta.first_lsn:
                 recent = watermark.recent(start, upto)
                 if recent is not None:  # just written: from the writer's memory
