@@ -45,7 +45,7 @@ from typing import Any, NamedTuple, TypeAlias, TypeVar
 
 from crc32c import crc32c
 
-from ._io import FileIO
+from ._io import FileIO, read_file, replace_file
 from ._open import open as open_wal
 from ._opener import Opener
 from ._reader import Record
@@ -87,7 +87,7 @@ _GAP = 64  # records_for reads LSNs closer than this in one pass rather than see
 _CHUNK = 16384  # keys encoded per loop pass while writing a snapshot
 
 INDEX_NAME = "KEYINDEX"
-_INDEX_TMP = "KEYINDEX.tmp"
+_INDEX_TMP = INDEX_NAME + ".tmp"  # what `replace_file` writes first
 _SNAP_MAGIC = b"WALAKIDX"
 _SNAP_VERSION = 1
 _SNAP_HEAD = struct.Struct("<8sHHI16sQIIQQ")
@@ -374,28 +374,12 @@ def _live(v: Lsns | None, first: int) -> Lsns | None:
 
 
 def _read_index(io: FileIO, directory: str) -> bytes | None:
-    try:
-        fd = io.open_read(os.path.join(directory, INDEX_NAME))
-    except FileNotFoundError:
-        return None
-    try:
-        return io.pread(fd, io.size(fd), 0)
-    finally:
-        io.close(fd)
+    return read_file(io, os.path.join(directory, INDEX_NAME))
 
 
 def _write_index(io: FileIO, directory: str, data: bytes) -> None:
     """Replace KEYINDEX with `data`, atomically and durably (as META is written)."""
-    tmp = os.path.join(directory, _INDEX_TMP)
-    fd = io.open(tmp, create=True)
-    try:
-        io.truncate(fd, 0)
-        io.pwritev(fd, [data], 0)
-        io.fdatasync(fd)
-    finally:
-        io.close(fd)
-    io.rename(tmp, os.path.join(directory, INDEX_NAME))
-    io.fsync_dir(directory)
+    replace_file(io, directory, INDEX_NAME, [data])
 
 
 def _remove_index(io: FileIO, directory: str) -> None:
