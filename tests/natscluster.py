@@ -17,7 +17,7 @@ import sysconfig
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 __all__ = ("MAX_PAYLOAD", "Cluster", "Node", "server_binary")
@@ -177,3 +177,14 @@ class Cluster:
     def kill_all(self) -> None:
         for node in self.nodes:
             node.kill()
+
+
+@contextlib.contextmanager
+def running(root: Path, n: int = 3, extra: str = "") -> Iterator[Cluster]:
+    """A started `Cluster` of `n` nodes under `root`, stopped on exit (the tests' fixtures)."""
+    cluster = Cluster(root, n, extra)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 from conftest import run
-from natscluster import Cluster, free_port, server_binary
+from natscluster import Cluster, free_port, running, server_binary
 
 import walasync
 from walasync import _cli
@@ -32,12 +32,8 @@ _streams = iter(range(1, 1 << 30))
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    c = Cluster(tmp_path_factory.mktemp("nats-cli"), 1)
-    c.start()
-    try:
+    with running(tmp_path_factory.mktemp("nats-cli"), 1) as c:
         yield c.urls[0]
-    finally:
-        c.stop()
 
 
 @pytest.fixture

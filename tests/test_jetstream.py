@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 from conftest import run, until
-from natscluster import Cluster, server_binary
+from natscluster import Cluster, running, server_binary
 
 import walasync
 
@@ -42,22 +42,14 @@ HERE = Path(__file__).parent
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    c = Cluster(tmp_path_factory.mktemp("nats3"), 3)
-    c.start()
-    try:
+    with running(tmp_path_factory.mktemp("nats3"), 3) as c:
         yield c
-    finally:
-        c.stop()
 
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    c = Cluster(tmp_path_factory.mktemp("nats1"), 1)
-    c.start()
-    try:
+    with running(tmp_path_factory.mktemp("nats1"), 1) as c:
         yield c
-    finally:
-        c.stop()
 
 
 @pytest.fixture

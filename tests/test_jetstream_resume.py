@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from conftest import run, until
-from natscluster import Cluster, server_binary
+from natscluster import Cluster, running, server_binary
 
 import walasync
 
@@ -34,12 +34,8 @@ _streams = iter(range(1, 1 << 30))
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    c = Cluster(tmp_path_factory.mktemp("nats1"), 1)
-    c.start()
-    try:
+    with running(tmp_path_factory.mktemp("nats1"), 1) as c:
         yield c
-    finally:
-        c.stop()
 
 
 @pytest.fixture
