@@ -371,13 +371,7 @@ async def follow_batches(
     watermark.keep_recent(True)
     try:
         while True:
-            if len(cuts) != seen:  # truncate_back: did it remove records this follower gave?
-                if min(cuts[seen:]) < start:
-                    raise TruncatedError(
-                        f"records from {min(cuts[seen:])} on, some of them already yielded, were "
-                        "removed by truncate_back"
-                    )
-                seen = len(cuts)
+            seen = cuts_since(cuts, seen, start)
             upto = min(stop, watermark.synced_lsn)
             # A cut under way (committed, in `cuts`, before the watermarks show it): what it
             # removes is not there to follow.
@@ -419,6 +413,23 @@ async def follow_batches(
                 return
     finally:
         watermark.keep_recent(False)
+
+
+def cuts_since(cuts: list[int], seen: int, start: int) -> int:
+    """Check the truncate_back cuts after the first `seen` of `cuts` against a follower
+    that gave every record below `start`, and return how many cuts it has now seen.
+
+    Raises:
+        TruncatedError: a cut removed a record it gave.
+    """
+    if len(cuts) != seen:
+        if min(cuts[seen:]) < start:
+            raise TruncatedError(
+                f"records from {min(cuts[seen:])} on, some of them already given, were "
+                "removed by truncate_back"
+            )
+        seen = len(cuts)
+    return seen
 
 
 async def _moved(watermark: Watermark) -> bool:

@@ -25,7 +25,7 @@ from typing import TypeVar
 
 from ._io import FileIO
 from ._opener import Opener, require_loop
-from ._reader import Batch, Record, read_batches, read_records
+from ._reader import Batch, Record, cuts_since, read_batches, read_records
 from ._store import Store
 from .errors import ClosedError, TruncatedError, WalError, map_os_error
 
@@ -201,13 +201,7 @@ class ReadOnlyWal:
         cuts = self._store.cuts
         seen = len(cuts)
         while True:
-            if len(cuts) != seen:  # truncate_back: did it remove records this read gave?
-                if min(cuts[seen:]) < lsn:
-                    raise TruncatedError(
-                        f"records from {min(cuts[seen:])} on, some of them already given, "
-                        "were removed by truncate_back"
-                    )
-                seen = len(cuts)
+            seen = cuts_since(cuts, seen, lsn)
             stop = self.last_lsn if end is None else min(end, self.last_lsn)
             if lsn <= stop:
                 store = self._store
