@@ -414,3 +414,24 @@ async def test_a_cut_under_batches_held_in_memory(log_dir: Path, cut: int) -> No
         await wal.append(b"after the cut")
         assert await nxt == walasync.Batch(3, [b"after the cut"], ())
         await batches.aclose()
+
+
+async def test_the_batches_kept_for_followers_stay_within_8_mib(log_dir: Path) -> None:
+    """Memory stays bounded: past 8 MiB of records the oldest kept batches go (a follower
+    further behind reads the file), and a batch larger than that alone is kept alone."""
+    async with walasync.open(log_dir, max_record_size=9 << 20) as wal:
+        batches = wal.read_batches(1, follow=True)
+        first = asyncio.ensure_future(anext(batches))
+        await until(lambda: waiting(wal) == 1, "the follower to wait")
+        held = wal._batcher._recent
+        for i in range(12):
+            await wal.append(bytes([i]) * (1 << 20))  # one batch each
+        assert sum(len(r) for b in held for r in b.records) <= 8 << 20
+        assert [b.lsn for b in held] == list(range(5, 13))  # the newest, no gap
+        await wal.append(bytes(9 << 20))
+        assert [b.lsn for b in held] == [13]
+        got = [await first]
+        while got[-1].lsn < 13:
+            got.append(await anext(batches))  # 1..4 from the file, the rest from memory
+        assert [r[:1] for b in got for r in b.records] == [bytes([i]) for i in range(12)] + [b"\0"]
+        await batches.aclose()
