@@ -348,6 +348,13 @@ def test_a_corrupt_tail_that_open_refuses_is_cut(tmp_path: Path) -> None:
         read_back(log)
     verdict = invoke("verify", log)
     assert verdict.exit_code == 1 and f"{last}: offset {offsets[-3]}" in verdict.stdout
+    # A read-only reader takes the damage for a batch being written and stops there;
+    # dump does not pass that off as the end of the log.
+    dumped = cli("dump", log)
+    failed(dumped, 1, f"{last}: offset {offsets[-3]}", "from LSN 18 on")
+    assert jsonl(dumped.stdout) == list(enumerate(records, 1))[:17]
+    assert jsonl(invoke("dump", log, "--to", 17).stdout) == list(enumerate(records, 1))[:17]
+    failed(invoke("dump", log, "--to", 18), 1, "from LSN 18 on")
     result = cli("repair", log)
     assert result.returncode == 0 and "(3 records," in result.stdout, result.stdout
     assert read_back(log) == [walasync.Record(i, d) for i, d in enumerate(records[:17], 1)]
@@ -363,10 +370,15 @@ def test_a_last_segment_truncated_mid_header(good: tuple[Path, list[bytes]]) -> 
         read_back(log)
     info = json.loads(invoke("info", log, "--json").stdout)
     assert info["segments"][-1]["state"] == "damaged" and info["problems"]
+    assert (info["last_lsn"], info["records"]) == (first - 1, first - 1)
     result = cli("verify", log)
     assert result.returncode == 1 and f"{last}: offset 0" in result.stdout, result.stdout
+    dumped = cli("dump", log)  # every record before the damaged segment, then the error
+    failed(dumped, 1, f"{last}: offset 0", f"from LSN {first} on")
+    assert jsonl(dumped.stdout) == list(enumerate(records, 1))[: first - 1]
     result = cli("repair", log)
     assert result.returncode == 0 and f"now ends at LSN {first - 1}" in result.stdout, result
+    assert f"from LSN {first} on (0 records, 10 bytes)" in result.stdout, result.stdout
     assert files(next(log.glob("broken-*")))[last.name] == original[:10]
     assert walasync.verify(log).ok
 
@@ -377,6 +389,43 @@ def test_a_last_segment_truncated_mid_header(good: tuple[Path, list[bytes]]) -> 
     kept, lsn = run("asyncio", reopen())
     assert kept == [walasync.Record(i, d) for i, d in enumerate(records[: first - 1], 1)]
     assert lsn == first
+
+
+def test_a_lost_last_segment(good: tuple[Path, list[bytes]]) -> None:
+    """The last segment gone, the one before it sealed: every record before, then the
+    error (a reader takes the sealed segment for the end of the log)."""
+    log, records = good
+    *_, previous, last = segment_files(log)
+    first = int(last.stem)
+    last.unlink()
+    dumped = cli("dump", log, "--format", "json")  # a complete JSON array, all the same
+    failed(dumped, 1, f"{previous}: offset", "segment missing", f"from LSN {first} on")
+    rows = [(r["lsn"], r["data"].encode()) for r in json.loads(dumped.stdout)]
+    assert rows == list(enumerate(records, 1))[: first - 1]
+    assert invoke("verify", log).exit_code == 1
+
+
+def test_a_file_named_like_a_segment_that_is_not_one(good: tuple[Path, list[bytes]]) -> None:
+    """Garbage under a segment's name after the last segment: no record was ever in it,
+    and none is counted as cut."""
+    log, records = good
+    last = segment_files(log)[-1]
+    garbage = log / f"{10_000:020d}.wal"
+    garbage.write_bytes(bytes(range(100)))
+    info = json.loads(invoke("info", log, "--json").stdout)
+    assert (info["last_lsn"], info["records"]) == (200, 200)
+    assert [s["last_lsn"] for s in info["segments"][-2:]] == [200, 9999]
+    assert info["segments"][-1]["state"] == "damaged"
+    dumped = cli("dump", log)
+    line = failed(dumped, 1, f"{last}: offset", "from LSN 201 on")
+    assert jsonl(dumped.stdout) == list(enumerate(records, 1))
+    offset = int(line.split("offset ")[1].split(":")[0])
+    size = last.stat().st_size
+    result = cli("repair", log)
+    assert result.returncode == 0, result.stderr
+    cut = f"from LSN 201 on (0 records, {size - offset + 100:,} bytes)"
+    assert cut in result.stdout, result.stdout
+    assert walasync.verify(log).ok and read_back(log)[-1].lsn == 200
 
 
 def test_a_foreign_file_in_the_directory(good: tuple[Path, list[bytes]]) -> None:
@@ -421,8 +470,8 @@ def test_a_missing_directory(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     failed(cli("verify", tmp_path / "nothing"), 3, "no such directory")
     for command in COMMANDS:
-        for path in (tmp_path / "nothing", tmp_path / "file"):
-            failed(invoke(command, path), 3, "no such directory")
+        failed(invoke(command, tmp_path / "nothing"), 3, "nothing: no such directory")
+        failed(invoke(command, tmp_path / "file"), 3, "file: not a directory")
     assert sorted(os.listdir(tmp_path)) == ["file"]
 
 
@@ -482,7 +531,10 @@ def cli_unprivileged(*args: object) -> subprocess.CompletedProcess[str]:
 
 def test_permission_denied(good: tuple[Path, list[bytes]]) -> None:
     log, _ = good
-    for target, commands in ((log, ["dump", "repair"]), (segment_files(log)[0], ["verify"])):
+    for target, commands in (
+        (log, ["dump", "repair", "info"]),
+        (segment_files(log)[0], ["verify", "info"]),
+    ):
         mode = target.stat().st_mode
         target.chmod(0)
         try:
@@ -532,6 +584,25 @@ def test_dump_into_a_pipe_closed_early(tmp_path: Path) -> None:
         stderr = proc.stderr.read()
         assert proc.wait(timeout=60) == 128 + signal.SIGPIPE
     assert stderr == b""
+
+
+@pytest.mark.parametrize("command", ["info", "verify", "dump"])
+def test_output_to_a_closed_pipe(good: tuple[Path, list[bytes]], command: str) -> None:
+    """A reader gone before the first line (`| head -0`): exit 141, as a SIGPIPE would
+    end it, not 1 (damage found), and no traceback."""
+    log, _ = good
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "walasync", command, str(log)],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            timeout=60,
+        )
+    finally:
+        os.close(write)
+    assert (proc.returncode, proc.stderr) == (128 + signal.SIGPIPE, b"")
 
 
 def peak_rss(args: Sequence[object]) -> int:
@@ -622,11 +693,17 @@ def on_a_terminal(*args: object) -> tuple[int, bytes]:
     return proc.wait(timeout=60), out
 
 
-def test_verify_draws_a_progress_bar_only_on_a_terminal(good: tuple[Path, list[bytes]]) -> None:
+def test_verify_draws_a_progress_bar_only_on_a_terminal(
+    good: tuple[Path, list[bytes]], tmp_path: Path
+) -> None:
     log, _ = good
     code, out = on_a_terminal("verify", log, "--progress")
     assert code == 0 and b"verifying" in out and b"ok:" in out, out
     code, out = on_a_terminal("verify", log)  # a small log: no bar
     assert code == 0 and b"verifying" not in out, out
+    large = tmp_path / "large"  # 64 MiB on disk (one segment, preallocated): a bar
+    make_log(large, 10, segment_size=64 << 20)
+    code, out = on_a_terminal("verify", large)
+    assert code == 0 and b"verifying" in out and b"ok:" in out, out
     piped = cli("verify", log, "--progress")  # forced, but not a terminal: nothing drawn
     assert piped.returncode == 0 and piped.stderr == ""

@@ -80,6 +80,29 @@ async def test_a_torn_tail_is_where_reading_stops_and_stays(log_dir: Path) -> No
     assert last.read_bytes() == bytes(raw)  # not repaired: a reader never writes
 
 
+async def test_a_last_segment_without_a_valid_header_is_where_reading_stops(
+    log_dir: Path,
+) -> None:
+    """As a torn tail: the data ends before it for now (a writer never shows one, so it
+    is damage, which `verify` reports; a reader goes on with everything before it)."""
+    async with walasync.open(log_dir, **small()) as wal:
+        for i in range(1, 101):
+            await wal.append(data(i))
+    *_, last = segment_files(log_dir)
+    assert len(segment_files(log_dir)) > 2
+    first = int(last.stem)
+    last.write_bytes(last.read_bytes()[:10])
+    async with walasync.open(log_dir, readonly=True, io=NeverWrites()) as ro:
+        assert ro.last_lsn == first - 1
+        assert [r.lsn async for r in ro.read()] == list(range(1, first))
+        last.write_bytes(b"\xff" * 64)  # garbage, still: the same view at the next look
+        assert await ro.refresh() == first - 1
+    for segment in segment_files(log_dir)[:-1]:
+        segment.unlink()
+    with pytest.raises(CorruptionError, match="bad magic"):  # nothing before it
+        await walasync.open(log_dir, readonly=True)
+
+
 async def test_missing_directory_and_non_logs_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(WalError, match="no walasync log"):
         await walasync.open(tmp_path / "nothing", readonly=True)

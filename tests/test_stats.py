@@ -11,6 +11,8 @@ import errno
 import itertools
 import logging
 import math
+import subprocess
+import sys
 import threading
 import time
 from bisect import bisect_left
@@ -374,6 +376,36 @@ async def test_cutting_a_torn_tail_at_open_is_logged(
     async with walasync.open(log_dir, **small()):
         pass
     assert warnings_of(caplog) == []  # repaired: nothing more to cut
+
+
+def test_the_library_configures_no_logging(tmp_path: Path) -> None:
+    """Warnings go to the `walasync` logger, and what becomes of them is the
+    application's choice: no handler, level or root configuration is set by walasync
+    (a fresh interpreter, so that pytest's own logging set-up does not hide one)."""
+    script = f"""
+import asyncio, logging, walasync
+
+async def main():
+    async with walasync.open({str(tmp_path / "log")!r}, slow_sync_warning=0) as wal:
+        await wal.append(b"warned")  # every durable write is slow: a warning each
+    async with walasync.open({str(tmp_path / "log")!r}, readonly=True):
+        pass
+
+asyncio.run(main())
+for name in ("", "walasync", "walasync.jetstream"):
+    log = logging.getLogger(name)
+    print(name or "root", log.handlers, logging.getLevelName(log.level), log.propagate)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "root [] WARNING True",
+        "walasync [] NOTSET True",
+        "walasync.jetstream [] NOTSET True",
+    ]
+    assert "a durable write of" in result.stderr  # Python's last resort printed it
 
 
 # -- segments and bytes on disk --------------------------------------------------------------

@@ -88,6 +88,8 @@ def _errors(command: str, directory: str) -> Iterator[None]:
         if isinstance(cause, (FileNotFoundError, NotADirectoryError)):
             what = cause.filename or directory
             if os.path.abspath(what) == os.path.abspath(directory):
+                if isinstance(cause, NotADirectoryError):
+                    _fail(command, f"{directory}: not a directory", "missing")
                 _fail(command, f"{directory}: no such directory", "missing")
             _fail(command, f"{what}: no such file or directory", "missing")
         if isinstance(cause, PermissionError):
@@ -127,10 +129,12 @@ directory_argument = click.argument("directory", type=click.Path(path_type=str, 
 def cli() -> None:
     """Look at, check, repair and replicate a walasync log (a directory of segment files).
 
-    Every command but `repair` only reads, and works while a writer runs. Exit codes: 0
-    sound, 1 damage found, 2 bad usage, 3 no such directory, 4 not a walasync log, 5 locked
-    by a writer, 6 a newer format, 7 permission denied, 8 other I/O error; 10-17 for
-    replicate and restore (README, "Operating a log").
+    Every command but `repair` and `restore` only reads, and works while a writer runs.
+    Exit codes: 0 sound, 1 damage found, 2 bad usage, 3 no such directory (or, for `bench`,
+    no benchmarks beside this copy), 4 not a walasync log, 5 locked by a writer, 6 a newer
+    format, 7 permission denied, 8 other I/O error, 9 the `walasync[cli]` extra missing;
+    10-17 for replicate and restore; 130 interrupted, 141 output closed early (`| head`),
+    143 terminated (README, "Operating a log").
     """
 
 
@@ -157,11 +161,17 @@ def _print_info(log: walasync.LogInfo) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(highlight=False, soft_wrap=True)
+    class PipedConsole(Console):
+        def on_broken_pipe(self) -> None:
+            self.quiet = True
+            raise BrokenPipeError  # `_errors` exits 141, as `dump` does (rich exits 1)
+
+    console = PipedConsole(highlight=False, soft_wrap=True)
     versions = ", ".join(map(str, log.versions)) or "unknown"
     if log.torn_tail:
+        what = "being written, or torn" if log.locked else "torn"
         tail = (
-            f"torn: {log.torn_tail:,} bytes after the last batch (never acknowledged; "
+            f"{what}: {log.torn_tail:,} bytes after the last batch (never acknowledged; "
             "open cuts them)"
         )
     else:
@@ -220,22 +230,41 @@ def dump(directory: str, start: int | None, end: int | None, form: str) -> None:
 
     In JSON a record is {"lsn", "size", "data"} when it is UTF-8 text, and {"lsn", "size",
     "base64"} otherwise. Reads beside a running writer, up to its last record when the dump
-    began.
+    began. Stops at damage, after every record before it, and exits 1 naming the file and
+    offset.
     """
     out = sys.stdout.buffer
     dumper = Dumper(out, form)
 
-    async def run() -> None:
+    async def run() -> int:
+        """Dump; return the last LSN the read covered."""
         async with (
             walasync.open(directory, readonly=True) as log,
             contextlib.aclosing(log.read(start, end)) as records,
         ):
             async for rec in records:
                 dumper.record(rec.lsn, rec.data)
-        dumper.end()
+            return log.last_lsn
 
     with _errors("dump", directory):
-        asyncio.run(run())
+        try:
+            last = asyncio.run(run())
+        except (walasync.CorruptionError, walasync.TruncatedError):
+            dumper.end()  # what came before the damage, complete (a closed JSON array)
+            raise
+        dumper.end()
+        if end is None or end > last:
+            # A reader beside a writer takes invalid bytes at the end for a batch being
+            # written: only a check of what follows tells acknowledged records cut off.
+            report = walasync.verify(directory, since=last + 1)
+            problem = report.problem
+            if problem is not None and (end is None or problem.lsn <= end):
+                _fail(
+                    "dump",
+                    f"{problem} (records from LSN {problem.lsn} on do not read back: "
+                    "`walasync repair` cuts the log there)",
+                    "problem",
+                )
 
 
 @cli.command()

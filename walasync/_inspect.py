@@ -143,7 +143,12 @@ def _describe(io: FileIO, store: Store, meta: Meta | None, problems: list[str]) 
                 state = "sealed" if seal is not None else "unsealed"
                 if after <= first:
                     state = "truncated"
-                end = seal.next_lsn - 1 if seal is not None else after - 1
+                if seal is not None:
+                    end = seal.next_lsn - 1
+                else:  # no seal to tell (damaged, or it never got one): its data does
+                    recycled = header.previous_salt != 0
+                    end = seg.scan_tail(io, fd, path, lsn, header.salt, recycled).next_lsn - 1
+                last_lsn = end
             else:
                 tail = seg.scan_tail(io, fd, path, lsn, header.salt, header.previous_salt != 0)
                 state, end = "active", tail.next_lsn - 1

@@ -248,7 +248,9 @@ def _highest(io: FileIO, store: Store, fix: Fix, later: bool) -> tuple[int, int]
         try:
             header = seg.read_full_header(io, fd, path, last)
         except CorruptionError:
-            return last - 1, io.size(fd)
+            # What a file without a valid header held cannot be told (its name alone
+            # promises nothing): count the valid records before it.
+            return _end_before(io, store, fix), io.size(fd)
         tail = seg.scan_tail(io, fd, path, last, header.salt, header.previous_salt != 0)
         end = tail.junk  # past the data, the seal and whatever torn bytes follow
         if later or tail.end > fix.offset:
@@ -262,6 +264,26 @@ def _highest(io: FileIO, store: Store, fix: Fix, later: bool) -> tuple[int, int]
         while scan.end is None:
             scan.batches()
         return scan.next_lsn - 1, end
+    finally:
+        io.close(fd)
+
+
+def _end_before(io: FileIO, store: Store, fix: Fix) -> int:
+    """The highest LSN of a valid batch at or after the cut, in the segments before the
+    last (whose header is damaged)."""
+    segments = store.segments
+    if len(segments) < 2 or segments[-2] < fix.segment:
+        return fix.lsn - 1
+    first = segments[-2]
+    path = store.segment_path(first)
+    fd = io.open_read(path)
+    try:
+        try:
+            header = seg.read_full_header(io, fd, path, first)
+        except CorruptionError:
+            return fix.lsn - 1
+        tail = seg.scan_tail(io, fd, path, first, header.salt, header.previous_salt != 0)
+        return max(tail.next_lsn - 1, fix.lsn - 1)
     finally:
         io.close(fd)
 

@@ -168,18 +168,30 @@ class Store:
         if cut and self._tail is not None:
             self.cuts.append(cut)  # readers that began before stop there
             self.cuts_done = len(self.cuts)
-        self.meta, self.segments = meta, segments
         tail = self._tail
-        last = segments[-1]
-        if tail is None or tail.first_lsn != last or cut:
+        while True:
+            last = segments[-1]
+            if tail is not None and tail.first_lsn == last and not cut:
+                break
             path = self.segment_path(last)
             fd = io.open_read(path)
             try:
                 salt = seg.read_header(io, fd, path, last)
+            except UnsupportedFormatError:
+                raise
+            except CorruptionError:
+                if len(segments) == 1:
+                    raise
+                # A last segment without a valid header holds nothing to read (yet): the
+                # data ends before it, as at a torn tail (`verify` tells damage apart).
+                segments = segments[:-1]
+                continue
             finally:
                 io.close(fd)
             tail = LastSegment(-1, last, salt, fmt.SEGMENT_HEADER, last, seg.Index())
             self.indexes[last] = tail.index
+            break
+        self.meta, self.segments = meta, segments
         path = self.segment_path(last)
         fd = io.open_read(path)
         try:

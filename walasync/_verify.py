@@ -84,12 +84,18 @@ class Fix(NamedTuple):
 
 
 def verify(
-    path: str | os.PathLike[str], *, io: FileIO | None = None, progress: Progress | None = None
+    path: str | os.PathLike[str],
+    *,
+    io: FileIO | None = None,
+    progress: Progress | None = None,
+    since: int = 0,
 ) -> VerifyReport:
     """Check every frame of every segment of the log at `path` and report the first
     problem. Never writes; blocking (from async code, run it in a thread).
 
-    `progress(done, total)` is called as it goes, in bytes of segment files.
+    `progress(done, total)` is called as it goes, in bytes of segment files. With `since`,
+    the walk starts at the segment holding that LSN (the part before it was checked
+    otherwise: `walasync dump` read it); the report counts only what it walked.
 
     Raises:
         NotALogError: the directory holds no walasync log.
@@ -97,14 +103,14 @@ def verify(
         WalError: the directory or a file could not be read (the OSError is the cause).
     """
     io = io or FileIO()
-    report, _ = check(io, path, progress)
+    report, _ = check(io, path, progress, since=since)
     # Beside a running writer, a problem may be the writer moving on under the walk (a
     # rotation between listing and reading): real damage stays where it is, so a problem
     # counts once two walks in a row find it at the same place.
     for _ in range(_RECHECKS):
         if report.problem is None or not report.locked:
             break
-        again, _ = check(io, path, progress)
+        again, _ = check(io, path, progress, since=since)
         if again.problem is not None and (again.problem.path, again.problem.offset) == (
             report.problem.path,
             report.problem.offset,
@@ -122,6 +128,7 @@ def check(
     path: str | os.PathLike[str],
     progress: Progress | None = None,
     writer_may_run: bool = True,
+    since: int = 0,
 ) -> tuple[VerifyReport, Fix | None]:
     """`verify`, and how to repair what it found (None: nothing to do, or nothing repair
     can do)."""
@@ -136,7 +143,7 @@ def check(
         return report, Fix("meta")
     try:
         walk = _Walk(io, store, meta, progress, writer_may_run)
-        return walk.run()
+        return walk.run(since)
     except OSError as exc:
         raise map_os_error(exc, f"reading {store.path}") from exc
 
@@ -186,14 +193,17 @@ class _Walk:
         )
         return report, fix if problem is not None else None
 
-    def run(self) -> tuple[VerifyReport, Fix | None]:
+    def run(self, since: int = 0) -> tuple[VerifyReport, Fix | None]:
         store, meta, io = self.store, self.meta, self.io
         segments = store.segments
         if not segments:
             missing = store.segment_path(self.first)
             return self.report(Problem(missing, 0, self.first, "no segment file is left"))
         start = store.locate(self.first)
-        if start:
+        if since > self.first:
+            start = store.locate(since)
+            self.first = max(self.first, segments[start])
+        elif start:
             self.notes.append(
                 f"{start} segment file(s) below the first LSN {self.first}, left by an "
                 "interrupted truncation: the next open deletes them"
