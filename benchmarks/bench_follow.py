@@ -8,6 +8,9 @@ count it reports:
 * appends/s: records acknowledged per second inside the timed window (after a warm-up);
 * ``r1``: one read-only follower (``walasync.open(path, readonly=True)``, in the same process
   for the clock, looking at the files every 5 ms as a reader in another process would);
+* ``b16``: 16 followers taking a batch at a time (``wal.read_batches(follow=True)``), as a
+  consumer that ships or copies records in bulk does: a wake-up per group commit, not an
+  iteration per record;
 * follower lag, p50 and p99 in ms: from the moment an ``append`` returned to the moment a
   follower yielded that record (every 16th LSN acknowledged in the window, every follower;
   a record yielded before its appender resumed counts as 0), however long after the
@@ -53,7 +56,12 @@ def _run(main: Coroutine[Any, Any, dict[str, Any]]) -> tuple[dict[str, Any], str
 
 
 async def repetition(
-    path: str, appenders: int, followers: int, duration: float, readonly: bool = False
+    path: str,
+    appenders: int,
+    followers: int,
+    duration: float,
+    readonly: bool = False,
+    batches: bool = False,
 ) -> dict[str, Any]:
     """One repetition: appends/s in the window, and the followers' lag percentiles for
     the LSNs acknowledged in it."""
@@ -85,6 +93,17 @@ async def repetition(
                 source = await walasync.open(path, readonly=True, poll_interval=POLL)
                 await source.__aenter__()
                 ro.append(source)
+            if batches:  # a whole group commit per step; lag of its sampled LSNs
+                async for batch in wal.read_batches(follow=True):
+                    first, n = batch.lsn, len(batch.records)
+                    count += n
+                    seen_so_far[k] = first + n - 1
+                    at = now()
+                    for lsn in range(max(lo, -(-first // SAMPLE) * SAMPLE), first + n, SAMPLE):
+                        t = acked_at.get(lsn)
+                        lags.append((lsn, 0.0 if t is None else at - t))
+                seen[k] = count
+                return
             async for rec in source.read(follow=True):
                 count += 1
                 seen_so_far[k] = rec.lsn
@@ -119,9 +138,11 @@ async def repetition(
 
 def child(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        n, readonly = int(args.child.lstrip("r")), args.child.startswith("r")
+        kind, n = args.child[:1], int(args.child.lstrip("rb"))
         log = f"{tmp}/log"
-        result, loop = _run(repetition(log, args.appenders, n, args.duration, readonly))
+        result, loop = _run(
+            repetition(log, args.appenders, n, args.duration, kind == "r", kind == "b")
+        )
     print(json.dumps({**result, "loop": loop}))
 
 
@@ -136,8 +157,9 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3, help="repetitions (interleaved)")
     p.add_argument(
         "--followers",
-        default="0,1,16,r1",
-        help="follower counts, comma-separated; rN: N read-only followers (open(readonly=True))",
+        default="0,1,16,b16,r1",
+        help="follower counts, comma-separated; rN: N read-only followers "
+        "(open(readonly=True)); bN: N followers of whole batches (read_batches)",
     )
     p.add_argument("--appenders", type=int, default=256, help="concurrent appenders")
     p.add_argument("--dir", default=None, help="parent directory for the logs (a real disk)")
