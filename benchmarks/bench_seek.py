@@ -7,10 +7,17 @@ from ``wal.read(start=lsn)`` to its first record is measured, against the same f
 first LSN of the last segment. "cold" is a segment's first read since open (its seal, the
 index, is read then); "warm" a later one. Medians and p99 over the draws, in microseconds.
 
+With ``--drop-caches`` (Linux, as root) two more columns compare like with like on the
+disk: before each seek the kernel's page cache is dropped (``/proc/sys/vm/drop_caches``),
+so a seek into the middle of the log and one to the last segment's first LSN both read
+their bytes from the disk (without it the last segment, just written, is in the page
+cache and the middle of a large log is not).
+
 Usage::
 
     python benchmarks/bench_seek.py                  # 100 MB and 1 GB
     python benchmarks/bench_seek.py --sizes 100M,1G,10G --dir /path/on/the/disk
+    python benchmarks/bench_seek.py --sizes 100M,1G,10G --drop-caches
 """
 
 from __future__ import annotations
@@ -47,13 +54,26 @@ async def first_record_us(wal: walasync.Wal, lsn: int) -> float:
     return (time.perf_counter() - start) * 1e6
 
 
+def drop_caches() -> None:
+    """Empty the kernel's page cache (clean pages only: sync first)."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("1")
+
+
+async def disk_us(wal: walasync.Wal, lsn: int) -> float:
+    """`first_record_us` with the page cache dropped first: the bytes come from the disk."""
+    await asyncio.to_thread(drop_caches)
+    return await first_record_us(wal, lsn)
+
+
 def summary(samples: list[float]) -> str:
     samples = sorted(samples)
     p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))]
     return f"{statistics.median(samples):>9,.0f} {p99:>9,.0f}"
 
 
-async def measure(path: str, draws: int, rng: random.Random) -> tuple[str, ...]:
+async def measure(path: str, draws: int, rng: random.Random, disk: bool) -> tuple[str, ...]:
     start = time.perf_counter()
     wal = await walasync.open(path)
     opened = (time.perf_counter() - start) * 1e3
@@ -64,10 +84,19 @@ async def measure(path: str, draws: int, rng: random.Random) -> tuple[str, ...]:
         cold = [await first_record_us(wal, lsn) for lsn in lsns]
         warm = [await first_record_us(wal, lsn) for lsn in lsns]
         tail = [await first_record_us(wal, last_segment) for _ in range(draws)]
+        disk_rows: tuple[str, ...] = ()
+        if disk:  # both from the disk, interleaved
+            mid: list[float] = []
+            end: list[float] = []
+            for lsn in lsns:
+                mid.append(await disk_us(wal, lsn))
+                end.append(await disk_us(wal, last_segment))
+            disk_rows = (summary(mid), summary(end))
         segments = sum(n.endswith(".wal") for n in os.listdir(path))
     finally:
         await wal.close()
-    return (f"{segments:>8}", f"{opened:>8.1f}", summary(cold), summary(warm), summary(tail))
+    rows = (f"{segments:>8}", f"{opened:>8.1f}", summary(cold), summary(warm), summary(tail))
+    return rows + disk_rows
 
 
 async def main() -> None:
@@ -75,6 +104,11 @@ async def main() -> None:
     parser.add_argument("--sizes", default="100M,1G", help="log sizes, e.g. 100M,1G,10G")
     parser.add_argument("--draws", type=int, default=200, help="seeks per size")
     parser.add_argument("--dir", default=".bench-tmp", help="where the log goes (a real disk)")
+    parser.add_argument(
+        "--drop-caches",
+        action="store_true",
+        help="also time seeks with the page cache dropped before each (Linux, root)",
+    )
     args = parser.parse_args()
     os.makedirs(args.dir, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=args.dir)
@@ -84,6 +118,11 @@ async def main() -> None:
     print(
         f"{'size':>6} {'segments':>8} {'open ms':>8} {'cold p50':>9} {'cold p99':>9} "
         f"{'warm p50':>9} {'warm p99':>9} {'last p50':>9} {'last p99':>9}"
+        + (
+            f" {'disk p50':>9} {'disk p99':>9} {'dlast p50':>9} {'dlast p99':>9}"
+            if args.drop_caches
+            else ""
+        )
     )
     written = 0
     try:
@@ -93,7 +132,8 @@ async def main() -> None:
                 while written < target:
                     await wal.append_many(UNIT)
                     written += RECORD * len(UNIT)
-            print(f"{label:>6}", *await measure(path, args.draws, rng), flush=True)
+            rows = await measure(path, args.draws, rng, args.drop_caches)
+            print(f"{label:>6}", *rows, flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
