@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SHORT, LONG = 40, 240  # appends per coroutine (--per scales them)
+SHORT, LONG = 40, 240  # appends per coroutine: the difference of the two runs is counted
 
 
 def child(tree: str, n: int, per: int) -> None:
