@@ -7,7 +7,7 @@ import os
 import threading
 from collections.abc import Sequence
 
-from walasync._io import FileIO
+from walasync import FileIO
 
 
 def _on_prealloc_thread() -> bool:

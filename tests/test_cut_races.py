@@ -1,7 +1,7 @@
 """Reads, followers and truncate_front racing a `truncate_back`: bugs the kill -9 torture
 with `truncate_back` (tests/test_crash.py) and the follow rules of the model
 (tests/test_model.py) ran into, each pinned down with the I/O thread held at one step of
-the cut. Fixed ones are plain tests; open ones strict xfails (see each reason).
+the cut. All are fixed; each stays as a plain test.
 
 The cut's steps (`Appender.truncate_back`, `Store.cut`): fdatasync; commit META with the
 cut (`store.meta` names it from here on); delete later segments; rewrite the batch that
@@ -22,8 +22,7 @@ from conftest import small, until
 from iofaults import ControlledIO
 
 import walasync
-from walasync import Record, TruncatedError
-from walasync._io import FileIO
+from walasync import FileIO, Record, TruncatedError
 from walasync._meta import TMP_NAME
 from walasync.testing import SimulatedDisk
 

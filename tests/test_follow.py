@@ -19,8 +19,7 @@ from conftest import segment_files, small
 from iofaults import ControlledIO
 
 import walasync
-from walasync import BrokenLogError, Record, WrongLoopError
-from walasync._io import FileIO
+from walasync import BrokenLogError, FileIO, Record, WrongLoopError
 
 
 async def until(cond: Callable[[], bool], what: str = "the condition") -> None:

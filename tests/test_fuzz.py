@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import walasync
+from walasync import FileIO
 from walasync import _format as fmt
-from walasync._io import FileIO
 
 SALT = 0x5EED
 NAME = "00000000000000000001.wal"

@@ -10,7 +10,7 @@ import pytest
 from blockbuster import BlockingError
 
 import walasync
-from walasync._io import FileIO
+from walasync import FileIO
 
 
 async def test_guard_catches_fdatasync_on_the_loop(tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
 
 The crash tests run on `walasync.testing.SimulatedDisk`, and a kill -9 keeps the page
 cache, so neither can see a flush that the real `FileIO` forgets. Here real workloads run
-on the real `walasync._io.FileIO` over real files, while a spy on the `os` module records,
+on the real `walasync.FileIO` over real files, while a spy on the `os` module records,
 in order and under a lock, every call that writes, flushes, creates, renames or removes
 (with the flags of each write and open), and the test records an *ack* each time an
 append, `append_many`, `sync()`, open or close returns. The history is then checked:
@@ -65,7 +65,7 @@ from typing import Any
 import pytest
 
 import walasync
-from walasync._io import FileIO
+from walasync import FileIO
 
 _DSYNC_FLAGS = getattr(os, "RWF_DSYNC", 0) | getattr(os, "RWF_SYNC", 0)
 _TAG = re.compile(rb"<r(\d+)>")

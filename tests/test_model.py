@@ -422,7 +422,6 @@ class LogModel(RuleBasedStateMachine):
         with pytest.raises(ValueError):
             self.run(self.log.truncate_front(lsn))
 
-    @precondition(lambda self: hasattr(walasync.Wal, "truncate_back"))
     @rule(data=st.data())
     def truncate_back(self, data: st.DataObject) -> None:
         lsn = data.draw(st.integers(self.first - 1, self.last), label="lsn")
@@ -656,7 +655,7 @@ def test_log_matches_model(loop: str) -> None:
     run_state_machine_as_test(lambda: LogModel(loop), settings=MODEL)  # type: ignore[arg-type]
 
 
-# -- library bugs found on the way (fixed ones are plain tests; open ones strict xfails) -----
+# -- library bugs found on the way (each fixed, and kept as a plain test) ----------------------
 
 
 def record(i: int) -> bytes:

@@ -12,8 +12,7 @@ import pytest
 from conftest import LOOPS, loops, run, segment_files, small, until
 
 import walasync
-from walasync import ClosedError, Record, RecordTooLargeError, WalError, WrongLoopError
-from walasync._io import FileIO
+from walasync import ClosedError, FileIO, Record, RecordTooLargeError, WalError, WrongLoopError
 
 
 async def test_open_creates_nested_directory_and_starts_empty(tmp_path: Path) -> None:

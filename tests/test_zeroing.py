@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import walasync
-from walasync._io import FileIO
+from walasync import FileIO
 from walasync._zeroing import CALM
 
 

@@ -1,7 +1,8 @@
 """The on-disk format: segment headers and batch frames. Pure functions, no I/O.
 
 A segment file is a 32-byte header followed by batch frames, each padded to 8 bytes, then
-zeros (the preallocated remainder).
+zeros (the preallocated remainder), or in a recycled segment what the file held before (its
+old frames, which the new salt and their lower LSNs keep from validating).
 
     segment header (32 bytes, little-endian)
       0  8    SEGMENT_MAGIC

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 
 from . import _compress
@@ -59,8 +60,12 @@ class Options:
             raise ValueError("max_record_size must be below 2 GiB")
         for name in ("max_batch_delay", "sync_interval"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be a number >= 0, not {value!r}")
+            if (
+                not isinstance(value, (int, float))
+                or isinstance(value, bool)
+                or not 0 <= value < math.inf  # NaN too: a timer that never fires
+            ):
+                raise ValueError(f"{name} must be a finite number >= 0, not {value!r}")
         if self.sync_interval == 0:
             raise ValueError("sync_interval must be > 0")
         slow = self.slow_sync_warning
@@ -71,7 +76,7 @@ class Options:
         for name in ("retention_bytes", "retention_age"):
             value = getattr(self, name)
             if value is not None and (
-                not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0
+                not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0
             ):
                 raise ValueError(f"{name} must be a number > 0 or None, not {value!r}")
         _compress.check(self.compression, self.compression_level)

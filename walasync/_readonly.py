@@ -18,6 +18,7 @@ another process (`walasync replicate`) can pass on what it reads.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 from collections.abc import AsyncGenerator, Callable
 from types import TracebackType
@@ -283,8 +284,14 @@ def open_readonly(
     """See `walasync.open(path, readonly=True)`."""
     if not os.fspath(path):
         raise ValueError("a log path must not be empty (use '.' for the current directory)")
-    if poll_interval <= 0:
-        raise ValueError(f"poll_interval must be > 0, not {poll_interval!r}")
+    if (
+        not isinstance(poll_interval, (int, float))
+        or isinstance(poll_interval, bool)
+        or not 0 < poll_interval < math.inf
+    ):
+        raise ValueError(f"poll_interval must be a number of seconds > 0, not {poll_interval!r}")
+    if not isinstance(durable_only, bool):
+        raise ValueError(f"durable_only must be True or False, not {durable_only!r}")
     if (
         not isinstance(max_record_size, int)
         or isinstance(max_record_size, bool)

@@ -2,9 +2,13 @@
 
 Every method that touches files blocks and runs on the log's I/O thread. Readers on the
 event loop take `snapshot()`, an immutable tuple of first LSNs that the I/O thread replaces
-(never mutates) when a segment is added. Recovery is two steps: `scan` only reads (what a
-read-only opener and a verifier need); `recover` scans, then repairs what a crashed writer
-left (a torn tail, an empty segment after an unsealed one) and makes it durable.
+(never mutates) when a segment is added. Reading the last segment's tail and repairing it
+are two steps, in `_segment`: `scan_tail` only reads (the writer's recovery, and `verify`,
+`describe` and `repair` too), `repair_tail` zeroes a torn tail. `recover` (the writer's
+open) finishes a cut in progress, deletes what a committed truncation left, then
+`recover_last` scans the last segment, drops an empty one after an unsealed one, repairs the
+tail and makes it durable. A read-only store (`open_readonly`) never repairs: `refresh`
+reads META, the segment list and the batches written since its last look.
 """
 
 from __future__ import annotations
