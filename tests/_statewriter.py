@@ -5,18 +5,22 @@ Usage: python tests/_statewriter.py DIR RUN [--loop asyncio|uvloop]
 The state is the list of event ids applied, in order (so the state says which event holds
 which LSN). 16 coroutines apply events "RUN.WRITER.SEQ" (with 0-300 bytes of padding, so
 the 64 KiB segments rotate) one after another; another checkpoints whenever
-`should_checkpoint` says so (every 200 events). Protocol on stdout, one line per event,
-each written whole:
+`should_checkpoint` says so (every 200 events); another undoes the last event every 10-50
+ms. Protocol on stdout, one line per event, each written whole:
 
     open LAST_LSN    once, after the StateLog is open
     + NAME           before `apply` of event NAME
     a LSN NAME       once that `apply` returned LSN
     c? LSN           before a checkpoint (LSN: the last applied event then)
     c LSN            once it returned
+    u?               before an undo
+    u NAME           once it returned: event NAME is gone (its LSN goes to a later event)
+    u-               it raised NothingToUndoError (no event after the snapshot)
 
 `run_and_kill` (for the tests) starts it, SIGKILLs it at a moment its plan picks (after
-some acknowledgements, at once when a checkpoint begins, or after a delay), and returns
-what the pipe said.
+some acknowledgements, at once when a checkpoint or an undo begins, or after a delay), and
+returns what the pipe said: the acknowledgements that stand (an event undone after its
+acknowledgement is dropped from them) and the events undone.
 """
 
 from __future__ import annotations
@@ -75,29 +79,53 @@ async def _checkpointer(s: walasync.StateLog[list[str], Any]) -> None:
             _emit(f"c {await s.checkpoint()}\n")
 
 
+async def _undoer(s: walasync.StateLog[list[str], Any], run: int) -> None:
+    rng = random.Random(f"{run}/undo")
+    while True:
+        await asyncio.sleep(rng.uniform(0.01, 0.05))
+        _emit("u?\n")
+        try:
+            event = await s.undo()
+        except walasync.NothingToUndoError:
+            _emit("u-\n")
+        else:
+            _emit(f"u {event['id']}\n")
+
+
 async def _main(path: str, run: int) -> None:
     s = await open_state(path)
     _emit(f"open {s.last_lsn}\n")
-    await asyncio.gather(*(_applier(s, run, w) for w in range(WRITERS)), _checkpointer(s))
+    await asyncio.gather(
+        *(_applier(s, run, w) for w in range(WRITERS)), _checkpointer(s), _undoer(s, run)
+    )
 
 
 @dataclass
 class Output:
     plan: tuple[str, float]
-    acks: dict[int, str] = field(default_factory=dict)
+    acks: dict[int, str] = field(default_factory=dict)  # LSN: event, undone ones left out
     announced: set[str] = field(default_factory=set)
+    undone: set[str] = field(default_factory=set)  # events an undo returned
     checkpoints: int = 0
+    undos: int = 0  # undos begun
+    undoing: bool = False  # an undo had begun, and not returned, when the pipe closed
 
 
-def run_and_kill(path: Path, run: int, loop: str, rng: random.Random) -> Output:
-    """Run the writer of `run` on `path`, SIGKILL it as a random plan says, parse its output."""
-    plan = rng.choice(
-        [
-            ("acks", rng.randint(1, 1500)),
-            ("checkpoint", rng.randint(1, 4)),
-            ("delay", rng.uniform(0.2, 1.5)),
-        ]
-    )
+PLANS = ("acks", "checkpoint", "undo", "delay")
+
+
+def run_and_kill(
+    path: Path, run: int, loop: str, rng: random.Random, kind: str | None = None
+) -> Output:
+    """Run the writer of `run` on `path`, SIGKILL it as a random plan (of `kind`, if given)
+    says, parse its output."""
+    plans = {
+        "acks": ("acks", rng.randint(1, 1500)),
+        "checkpoint": ("checkpoint", rng.randint(1, 4)),
+        "undo": ("undo", rng.randint(2, 4)),
+        "delay": ("delay", rng.uniform(0.2, 1.5)),
+    }
+    plan = plans[kind or rng.choice(PLANS)]
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -121,12 +149,23 @@ def run_and_kill(path: Path, run: int, loop: str, rng: random.Random) -> Output:
                 if kind == "+":
                     out.announced.add(rest[0])
                 elif kind == "a":
-                    out.acks[int(rest[0])] = rest[1]
+                    if rest[1] not in out.undone:
+                        out.acks[int(rest[0])] = rest[1]
                     count += plan[0] == "acks"
                 elif kind == "c?":
                     count += plan[0] == "checkpoint"
                 elif kind == "c":
                     out.checkpoints += 1
+                elif kind == "u?":
+                    out.undos += 1
+                    out.undoing = True
+                    count += plan[0] == "undo"
+                elif kind == "u":
+                    out.undone.add(rest[0])
+                    out.acks = {n: e for n, e in out.acks.items() if e != rest[0]}
+                    out.undoing = False
+                elif kind == "u-":
+                    out.undoing = False
                 if plan[0] != "delay" and count >= plan[1] and proc.poll() is None:
                     os.kill(proc.pid, signal.SIGKILL)
             stderr = proc.stderr.read().decode()

@@ -13,11 +13,15 @@ import logging
 import os
 import random
 import shutil
+import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import cancel_after, small, until
+from conftest import cancel_after, loops, run, small, until
+from crc32c import crc32c
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -85,17 +89,18 @@ def test_record_layout() -> None:
     assert decode_record(b"\x01\x01\x03\x00k\xc3\xa9tail") == ("ké", b"tail")
 
 
-@pytest.mark.parametrize(
-    ("data", "why"),
-    [
-        (b"\x01\x00\x00", "short of a keyed header"),
-        (b"\x02\x00\x00\x00", "version 2"),
-        (b"\x01\x04\x00\x00", "flags"),
-        (b"\x01\x00\x05\x00abcd", "key of 5 bytes"),
-        (b"\x01\x01\x01\x00\xff", "not UTF-8"),
-        (b"\x01\x02\x01\x00kv", "a delete with a value"),
-    ],
-)
+# Every way a record can fail to be a keyed record, with what the error says.
+MALFORMED = [
+    (b"\x01\x00\x00", "short of a keyed header"),
+    (b"\x02\x00\x00\x00", "version 2"),
+    (b"\x01\x04\x00\x00", "flags"),
+    (b"\x01\x00\x05\x00abcd", "key of 5 bytes"),
+    (b"\x01\x01\x01\x00\xff", "not UTF-8"),
+    (b"\x01\x02\x01\x00kv", "a delete with a value"),
+]
+
+
+@pytest.mark.parametrize(("data", "why"), MALFORMED)
 def test_malformed_records_name_their_lsn(data: bytes, why: str) -> None:
     with pytest.raises(MalformedRecordError, match=why) as info:
         decode_record(data, 17, "/logs/x")
@@ -256,6 +261,7 @@ async def test_bad_keys_and_values_write_nothing(log_dir: Path) -> None:
     bad_opts: list[dict[str, Any]] = [
         {"max_key_size": 0},
         {"max_key_size": 65536},
+        {"max_key_size": True},
         {"snapshot_every": 0},
         {"snapshot_every": True},
     ]
@@ -277,6 +283,107 @@ async def test_a_malformed_record_in_the_log_is_a_corruption_error(log_dir: Path
     assert info.value.lsn == 2 and info.value.path == str(log_dir)
     async with walasync.open(log_dir) as wal:
         assert wal.last_lsn == 2  # the log was closed again, unharmed
+
+
+@pytest.mark.parametrize(("data", "why"), MALFORMED)
+async def test_every_malformed_record_is_a_corruption_error_at_open_and_when_read(
+    log_dir: Path, data: bytes, why: str
+) -> None:
+    """Each malformation: at open, replaying after a snapshot or the whole log (the open's
+    own decoder), and when `read`, `latest` or `records_for` reaches the record."""
+    good = encode_record("a", b"3")
+    async with walasync.open_keyed(log_dir) as kv:
+        await kv.append("a", b"1")  # closing writes a snapshot at LSN 1
+    assert (log_dir / INDEX_NAME).exists()
+    async with walasync.open(log_dir) as wal:
+        assert await wal.append(data) == 2  # around the keyed view
+        assert await wal.append(good) == 3
+        log_id = wal.log_id
+
+    def named(err: MalformedRecordError) -> None:
+        assert (err.lsn, err.path, err.offset) == (2, str(log_dir), -1)
+        assert "LSN 2" in str(err) and why in str(err)
+
+    for snapshot_every in (100_000, None):  # replay after the snapshot, then all of it
+        with pytest.raises(MalformedRecordError) as info:
+            await walasync.open_keyed(log_dir, snapshot_every=snapshot_every)
+        named(info.value)
+    assert not (log_dir / INDEX_NAME).exists()
+    # A snapshot that says key "a" has records at 1 and 2 (and covers 3): open trusts it,
+    # and the readers reach the malformed record.
+    stamp = (log_id, crc32c(good), len(good))
+    snap = encode_snapshot(as_index({"a": [1, 2]}).items(), 1, 3, stamp)
+    (log_dir / INDEX_NAME).write_bytes(snap)
+    async with walasync.open_keyed(log_dir) as kv:
+        assert (kv.snapshot_lsn, kv.replayed, kv.latest_lsn("a")) == (3, 0, 2)
+        with pytest.raises(MalformedRecordError) as info:
+            await kv.latest("a")
+        named(info.value)
+        got: list[KeyedRecord] = []
+        with pytest.raises(MalformedRecordError) as info:
+            async for rec in kv.records_for("a"):
+                got.append(rec)  # noqa: PERF401 - what came before the error counts
+        named(info.value)
+        assert got == [KeyedRecord(1, "a", b"1")]
+        got = []
+        with pytest.raises(MalformedRecordError) as info:
+            async for rec in kv.read():
+                got.append(rec)
+        named(info.value)
+        assert got == [KeyedRecord(1, "a", b"1")]
+        [raw] = [r async for r in kv.wal.read(2, 2)]
+        with pytest.raises(MalformedRecordError) as info:
+            KeyedRecord.from_record(raw, str(log_dir))
+        named(info.value)
+
+
+# A record as raw bytes: a keyed record, a header of small fields with anything after it,
+# or any few bytes.
+raw_records = st.one_of(
+    st.builds(encode_record, keys, st.one_of(st.none(), st.binary(max_size=8))),
+    st.builds(
+        lambda v, f, k, rest: bytes([v, f, k, 0]) + rest,
+        st.integers(0, 2),
+        st.integers(0, 7),
+        st.integers(0, 6),
+        st.binary(max_size=8),
+    ),
+    st.binary(max_size=6),
+)
+
+
+@loops
+@settings(max_examples=40, deadline=None)
+@given(records=st.lists(raw_records, min_size=1, max_size=6))
+def test_any_records_are_indexed_at_open_or_raise_malformed(
+    loop: str, records: list[bytes]
+) -> None:
+    """Whatever records a log holds, open indexes them (as `decode_record` reads them) or
+    raises `MalformedRecordError` naming the first that is not a keyed record; nothing
+    else."""
+    decoded: list[KeyedRecord] = []
+    bad: MalformedRecordError | None = None
+    for lsn, data in enumerate(records, 1):
+        try:
+            decoded.append(KeyedRecord(lsn, *decode_record(data, lsn)))
+        except MalformedRecordError as exc:  # noqa: PERF203 - the first one ends it
+            bad = exc
+            break
+
+    async def main(path: Path) -> None:
+        async with walasync.open(path) as wal:
+            await wal.append_many(records)
+        if bad is None:
+            async with walasync.open_keyed(path, snapshot_every=None) as kv:
+                assert await check(kv) == expected(decoded)
+        else:
+            with pytest.raises(MalformedRecordError) as info:
+                await walasync.open_keyed(path, snapshot_every=None)
+            assert info.value.lsn == bad.lsn
+            assert str(info.value) == str(bad).replace(": LSN", f"{path}: LSN", 1)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run(loop, main(Path(tmp) / "log"))
 
 
 async def test_snapshot_then_open_replays_only_what_follows(log_dir: Path) -> None:
@@ -500,6 +607,141 @@ async def test_cancelled_appenders_leave_the_index_in_step_with_the_log(log_dir:
         assert sum(t.cancelled() for t in tasks) > 5
         await check(kv)
         assert "parked=0" in repr(kv)
+
+
+class FailingReads(walasync.FileIO):
+    """The real I/O layer, with reads that fail (EIO) while `failing` is set."""
+
+    failing = False
+
+    def pread(self, fd: int, size: int, offset: int) -> bytes:
+        if self.failing:
+            raise OSError(errno.EIO, "injected read error")
+        return super().pread(fd, size, offset)
+
+
+@pytest.mark.parametrize("many", [False, True])
+async def test_no_append_waits_for_ever_after_a_catch_up_failed(
+    log_dir: Path, caplog: pytest.LogCaptureFixture, many: bool
+) -> None:
+    """A cancelled append leaves a gap, and the catch-up that would close it fails (a read
+    error): an append waiting behind the gap gets that error rather than waiting for ever,
+    and once reads work again the next one closes the gap itself."""
+    io = FailingReads()
+
+    async def put(key: str, value: bytes) -> int:
+        if many:
+            return (await kv.append_many([(key, value)]))[0]
+        return await kv.append(key, value)
+
+    with caplog.at_level(logging.WARNING, "walasync"):
+        async with walasync.open_keyed(log_dir, io=io, snapshot_every=None) as kv:
+            await put("a", b"1")
+            io.failing = True
+            cancelled = asyncio.ensure_future(put("cancelled", b"2"))
+            await asyncio.sleep(0)  # its record is queued
+            cancelled.cancel()
+            await until(lambda: "catching up the key index failed" in caplog.text)
+            async with cancel_after(15):
+                with pytest.raises(walasync.WalError, match="injected read error"):
+                    await put("b", b"3")  # durable, but the index cannot take it
+                io.failing = False
+                assert await put("c", b"4") == 4
+            assert [kv.latest_lsn(k) for k in ("cancelled", "b", "c")] == [2, 3, 4]
+            assert await check(kv)
+            assert "parked=0" in repr(kv)
+
+
+class HeldReads(walasync.FileIO):
+    """The real I/O layer, whose reads, once `armed()` says so, wait for `release` and then
+    fail (EIO)."""
+
+    def __init__(self) -> None:
+        self.armed: Callable[[], bool] = lambda: False
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def pread(self, fd: int, size: int, offset: int) -> bytes:
+        if self.armed():
+            self.entered.set()
+            self.release.wait(30)
+            raise OSError(errno.EIO, "injected read error")
+        return super().pread(fd, size, offset)
+
+
+async def test_an_append_parked_while_a_rebuild_fails_raises_broken_log_error(
+    log_dir: Path,
+) -> None:
+    """An append acknowledged while `truncate_back` rebuilds the index parks; the rebuild
+    fails (a read error): the append raises BrokenLogError, never hangs, never returns
+    with its record missing from the index."""
+    io = HeldReads()
+    async with walasync.open_keyed(log_dir, io=io, snapshot_every=None) as kv:
+        for i in range(10):
+            await kv.append(f"k{i % 3}", b"%d" % i)
+        gen = kv._gen
+        io.armed = lambda: kv._gen != gen  # the log is cut: the rebuild's reads
+        cut = asyncio.ensure_future(kv.truncate_back(5))
+        await until(io.entered.is_set, "the rebuild to read")
+        late = asyncio.ensure_future(kv.append("late", b"x"))
+        await until(lambda: "parked=1" in repr(kv), "the late append to park")
+        io.release.set()
+        async with cancel_after(15):
+            with pytest.raises(walasync.WalError, match="injected read error"):
+                await cut
+            with pytest.raises(walasync.BrokenLogError) as info:
+                await late
+        assert info.value.__cause__ is not None
+        assert "broken" in repr(kv) and kv.last_lsn == 6
+
+
+async def test_a_keyed_record_appended_around_the_view_is_taken_from_the_log(
+    log_dir: Path,
+) -> None:
+    async with walasync.open_keyed(log_dir) as kv:
+        await kv.append("a", b"1")
+        await kv.wal.append(encode_record("b", b"around"))  # misuse, but a keyed record
+        async with cancel_after(15):
+            assert await kv.append("a", b"2") == 3
+        assert kv.latest_lsn("b") == 2
+        assert await check(kv) == {"a": [(1, b"1"), (3, b"2")], "b": [(2, b"around")]}
+
+
+@pytest.mark.parametrize("many", [False, True])
+async def test_a_malformed_record_appended_around_the_view_fails_the_appends_behind_it(
+    log_dir: Path, many: bool
+) -> None:
+    """The appends waiting behind it raise MalformedRecordError; the view is then broken
+    (later appends write nothing), reads go on, and reopening raises it at open."""
+    async with walasync.open_keyed(log_dir) as kv:
+        await kv.append("a", b"1")
+        await kv.wal.append(b"\x01\x00\x00")
+        async with cancel_after(15):
+            with pytest.raises(MalformedRecordError) as info:
+                if many:
+                    await kv.append_many([("a", b"2"), ("b", b"3")])
+                else:
+                    await kv.append("a", b"2")
+        assert info.value.lsn == 2 and "short of a keyed header" in str(info.value)
+        last = kv.last_lsn
+        for call in (kv.append("a", b"4"), kv.append_many([("a", b"4")]), kv.sync()):
+            with pytest.raises(walasync.BrokenLogError) as broken:
+                await call
+            assert broken.value.__cause__ is info.value
+        assert kv.last_lsn == last and "broken" in repr(kv) and "parked=0" in repr(kv)
+        assert await kv.latest("a") == KeyedRecord(1, "a", b"1")
+    with pytest.raises(MalformedRecordError) as info:
+        await walasync.open_keyed(log_dir)
+    assert info.value.lsn == 2
+
+
+async def test_nothing_waits_for_the_index_once_closing_caught_up(log_dir: Path) -> None:
+    """An appender that would park behind a gap after close() caught up (its wakeup
+    delayed somehow) does not wait: nobody would close the gap any more."""
+    kv = await walasync.open_keyed(log_dir)
+    await kv.append("a", b"1")
+    await kv.close()
+    async with cancel_after(15):
+        await kv._until(kv.last_lsn + 5)
 
 
 async def test_read_follows_and_decodes(log_dir: Path) -> None:

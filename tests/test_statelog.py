@@ -5,7 +5,7 @@ cancellation, damaged snapshots), then on `SimulatedDisk`: a power loss before e
 of a workload of applies, checkpoints (concurrent with applies) and undos, each image
 recovered with the real code; a hypothesis state machine (apply, concurrent applies,
 checkpoint, undo, reopen, power loss) against a plain model; and a short SIGKILL torture
-of a process that applies and checkpoints (`tests/_statewriter.py`).
+of a process that applies, checkpoints and undoes (`tests/_statewriter.py`).
 
 Environment: WALASYNC_STATE_EXAMPLES (default 40) and WALASYNC_STATE_STEPS (default 30)
 for the model, WALASYNC_STATE_ROUNDS (default 6) SIGKILL rounds.
@@ -937,9 +937,11 @@ def test_state_log_matches_model(loop: str) -> None:
 
 
 def test_acknowledged_events_survive_sigkill(tmp_path: Path) -> None:
-    """A process applying events from 16 coroutines and checkpointing every 50 is killed
-    at a random moment (often inside a checkpoint); reopening recovers every event it
-    acknowledged, at its LSN, and nothing it did not try to apply."""
+    """A process applying events from 16 coroutines, checkpointing every 200 and undoing
+    the last event every 10-50 ms is killed at a random moment (often inside a checkpoint
+    or an undo); reopening recovers every event it acknowledged and did not undo, at its
+    LSN, no event an undo returned, and nothing it did not try to apply. An undo cut
+    short by the kill may have removed the last event, or not."""
     sys.path.insert(0, str(HERE))
     try:
         import _statewriter as writer
@@ -950,10 +952,16 @@ def test_acknowledged_events_survive_sigkill(tmp_path: Path) -> None:
     path = tmp_path / "s"
     acked: dict[int, str] = {}
     announced: set[str] = set()
+    undone: set[str] = set()
+    undos = 0
     before: list[str] = []
     for round_ in range(ROUNDS):
         loop = "uvloop" if round_ % 2 and "uvloop" in LOOPS else "asyncio"
-        out = writer.run_and_kill(path, round_, loop, rng)
+        kind = writer.PLANS[round_ % len(writer.PLANS)]  # each kind of plan, in turn
+        out = writer.run_and_kill(path, round_, loop, rng, kind)
+        undone |= out.undone
+        undos += len(out.undone)
+        acked = {lsn: name for lsn, name in acked.items() if name not in undone}
         for lsn, name in out.acks.items():
             assert acked.get(lsn, name) == name, f"LSN {lsn} acknowledged twice (seed {seed})"
         acked.update(out.acks)
@@ -965,11 +973,20 @@ def test_acknowledged_events_survive_sigkill(tmp_path: Path) -> None:
 
         state = run(loop, check())
         context = f"round {round_}, {out.plan}, seed {seed}"
-        assert state[: len(before)] == before, f"earlier events changed ({context})"
+        kept = [name for name in before if name not in undone]
+        if out.undoing and state == kept[:-1]:
+            kept = state  # the undo cut short took the last event of the round before
+        assert state[: len(kept)] == kept, f"earlier events changed ({context})"
+        assert not undone & set(state), f"an undone event is back ({context})"
         assert len(set(state)) == len(state), f"an event applied twice ({context})"
+        top = max(acked, default=0)
+        if out.undoing and len(state) == top - 1:  # the undo cut short took that one
+            undone.add(acked.pop(top))
         assert len(state) >= max(acked, default=0), f"acknowledged events lost ({context})"
         for lsn, name in acked.items():
             assert state[lsn - 1] == name, f"LSN {lsn}: {state[lsn - 1]} not {name} ({context})"
         assert set(state) <= announced, f"an event never applied is there ({context})"
+        undone |= set(before) - set(state)
         before = state
     assert len(before) > 0
+    assert undos > 0, f"no undo returned in {ROUNDS} rounds (seed {seed})"

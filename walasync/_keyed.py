@@ -9,9 +9,15 @@ slice. It holds exactly the records with LSNs up to `_applied`, applied in LSN o
 - an appender whose LSN is the next one applies its record itself when `append` returns;
   one that comes early (a gap) parks its record in `_early` and waits for the gap to
   close, so that `append` returning means the index has the record (read your writes);
-- a gap that nobody would close (an appender cancelled after its record was queued, or one
-  that raced a `truncate_back`) is closed from the log itself (`_catch_up`): the log, not
-  the appenders, is the truth, so applying a record from either gives the same index;
+- a gap that nobody would close (an appender cancelled after its record was queued, one
+  that raced a `truncate_back`, a record appended around the view) is closed from the log
+  itself (`_catch_up`): the log, not the appenders, is the truth, so applying a record
+  from either gives the same index. Every appender that parks starts one (or has the
+  running one go again after it), so every waiting appender has a catch-up still to
+  come: no append waits for ever. One that fails raises its error in the appenders
+  waiting, and the next to park starts another. A record that is not a keyed record can
+  never be applied: it breaks the view (`BrokenLogError` from then on; reopening raises
+  it);
 - `truncate_back` rebuilds the index (a delete forgot the history the cut may bring back);
   `truncate_front` and retention need nothing: LSNs below `first_lsn` are skipped on
   every lookup and dropped from memory by the next `keys()`, `len()` or snapshot.
@@ -53,6 +59,7 @@ from ._wal import Wal
 from .errors import (
     BrokenLogError,
     ClosedError,
+    CorruptionError,
     MalformedRecordError,
     TruncatedError,
     WalError,
@@ -426,6 +433,7 @@ class KeyedLog:
         self._lifecycle = asyncio.Lock()  # snapshots and truncate_back, one at a time
         self._wal_append = wal.append  # bound once: `append` is the hot path
         self._closer: asyncio.Future[None] | None = None
+        self._released = False  # closed: appenders resuming from now on do not wait
         self._failure: BaseException | None = None
         self.replayed = 0
         """Records read from the log at open to rebuild the index (after the snapshot)."""
@@ -462,9 +470,12 @@ class KeyedLog:
         if self._closer is not None:
             raise ClosedError("the keyed log is closed")
         if self._failure is not None:
-            raise BrokenLogError("the key index could not be rebuilt; reopen the log") from (
-                self._failure
-            )
+            raise self._broken()
+
+    def _broken(self) -> BrokenLogError:
+        exc = BrokenLogError("the key index could not be kept in step with the log")
+        exc.__cause__ = self._failure
+        return exc
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -476,7 +487,12 @@ class KeyedLog:
             TypeError: the key is not bytes or str, or the value not bytes-like.
             ValueError: the key is over `max_key_size` bytes.
             ClosedError, RecordTooLargeError, BrokenLogError, WrongLoopError: as
-            `Wal.append`.
+            `Wal.append`; `BrokenLogError` also once the index met a record it cannot take.
+            MalformedRecordError: the index cannot take a record before this one from
+                the log: it is not a keyed record (appended around the view). This
+                record is in the log; the view is broken from then on.
+            WalError: the index could not read a record before this one from the log
+                (this one is in the log; the next append or `sync` reads it again).
         """
         # The hot path, written out: one coroutine between the caller and Wal.append.
         if type(key) is str:
@@ -546,6 +562,10 @@ class KeyedLog:
                 self._early[lsn] = (key, deleted)
         self._drain()
         if self._applied < entries[-1][0]:
+            # Usually the records before are their appenders' to apply, and they resume
+            # first (appenders are woken in LSN order); the catch-up closes the gap whatever
+            # left it, and raises here if it cannot.
+            self._orphan()
             await self._until(entries[-1][0])
 
     # -- the index ----------------------------------------------------------------------------
@@ -596,7 +616,13 @@ class KeyedLog:
         self._drain()
 
     async def _until(self, lsn: int) -> None:
-        """Wait until the index holds `lsn` (or the log closes, or is cut back)."""
+        """Wait until the index holds `lsn` (or the log closes, or is cut back).
+
+        Raises:
+            WalError: the catch-up that would close the gap before `lsn` failed.
+        """
+        if self._released:
+            return
         fut = asyncio.get_running_loop().create_future()
         self._seq += 1
         heapq.heappush(self._waiters, (lsn, self._seq, fut))
@@ -606,6 +632,14 @@ class KeyedLog:
         for _lsn, _seq, fut in self._waiters:
             if not fut.done():
                 fut.set_result(None)
+        self._waiters = []
+
+    def _fail_waiters(self, exc: BaseException) -> None:
+        """Raise `exc` in every appender waiting for the index: the catch-up that would
+        close the gap before them failed."""
+        for _lsn, _seq, fut in self._waiters:
+            if not fut.done():
+                fut.set_exception(exc)
         self._waiters = []
 
     def _prune(self) -> None:
@@ -769,16 +803,35 @@ class KeyedLog:
             except Exception as exc:
                 if not isinstance(exc, (ClosedError, BrokenLogError)):
                     _log.warning("%s: catching up the key index failed", self.path, exc_info=True)
-                self._wake_all()  # nobody will close the gap they wait on
+                self._fail_waiters(exc)  # the gap they wait on stays; the next parker retries
                 return
 
     async def _catch_up(self) -> None:
         """Apply, from the log, every record acknowledged before the call that the index
-        lacks."""
+        lacks.
+
+        Raises:
+            CorruptionError: a record there is not a keyed record, or is damaged: the
+                view is broken (the appenders waiting get this error, later calls
+                `BrokenLogError`).
+            BrokenLogError: it was broken before; WalError: as `Wal.sync` and `Wal.read`.
+        """
+        try:
+            await self._catch_up_once()
+        except CorruptionError as exc:  # no later attempt could get past it
+            if self._failure is None:
+                self._failure = exc
+                self._early.clear()
+                self._fail_waiters(exc)
+            raise
+
+    async def _catch_up_once(self) -> None:
         await self._wal.sync()
         while True:
             if self._rebuilt is not None:
                 await asyncio.shield(self._rebuilt)
+            if self._failure is not None:
+                raise self._broken()
             gen, end, first = self._gen, self._wal.last_lsn, self._wal.first_lsn
             if self._applied < first - 1:
                 self._jump(first - 1)
@@ -801,7 +854,13 @@ class KeyedLog:
 
     async def sync(self) -> None:
         """Return once every record appended before the call is durable and in the index
-        (appends that were cancelled included: their records are taken from the log)."""
+        (appends that were cancelled included: their records are taken from the log).
+
+        Raises:
+            MalformedRecordError: a record the index lacks is not a keyed record (appended
+                around the view): the view is broken from then on.
+            BrokenLogError, ClosedError, WalError: as `Wal.sync` and `Wal.read`.
+        """
         self._check()
         await self._catch_up()
 
@@ -1040,6 +1099,7 @@ class KeyedLog:
                             "%s: writing the key index snapshot failed", self.path, exc_info=True
                         )
         finally:
+            self._released = True  # caught up as far as it will be: nobody waits from now on
             self._wake_all()
             await self._wal.close()
 
@@ -1101,7 +1161,11 @@ def open_keyed(
         CorruptionError: a record of the log is not a keyed record (`MalformedRecordError`,
             naming its LSN), and as `walasync.open`.
     """
-    if not isinstance(max_key_size, int) or not 1 <= max_key_size <= MAX_KEY_SIZE:
+    if (
+        not isinstance(max_key_size, int)
+        or isinstance(max_key_size, bool)
+        or not 1 <= max_key_size <= MAX_KEY_SIZE
+    ):
         raise ValueError(
             f"max_key_size must be an int from 1 to {MAX_KEY_SIZE}, not {max_key_size!r}"
         )
