@@ -30,6 +30,7 @@ many and cheap, and the heavy part (recovering them) runs on one loop per test.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import posixpath
@@ -871,3 +872,276 @@ def test_crash_at_every_step_of_truncate_back(loop: str) -> None:
         return len(session.images)
 
     assert run(loop, main()) > 100
+
+
+# -- retention -----------------------------------------------------------------------------------
+
+
+class RetentionSession(Session):
+    """A session whose log drops segments by retention (`retention_bytes`, then
+    `retention_age`), after rotations and in `apply_retention`, through an `on_segment_drop`
+    hook that archives most segments (a copy read on a thread, as an archiver would), vetoes
+    some and fails now and then. For each image it keeps the bounds of `first_lsn`: at
+    least the log's own when the step came (set once META is durable), at most one past
+    the last segment the hook let go."""
+
+    def __init__(
+        self, disk: SimulatedDisk, opts: dict[str, Any], modes: tuple[str, ...], seed: int
+    ) -> None:
+        super().__init__(disk, opts, modes, seed)
+        self.begun = 1  # the first_lsn that the last drop the hook let go makes
+        self.bounds: list[tuple[int, int]] = []  # per image: (at least, at most)
+        self.calls = 0
+        self.archived: list[tuple[walasync.SegmentInfo, bytes]] = []
+        self.problems: list[str] = []
+        self.recycled = 0  # images with a freed segment waiting to be reused
+
+    def _capture(self, step: int, op: str) -> None:
+        before = len(self.images)
+        super()._capture(step, op)
+        done = self.wal.first_lsn if self.wal is not None else 1
+        self.bounds += [(done, self.begun)] * (len(self.images) - before)
+        with contextlib.suppress(FileNotFoundError):  # before the log's directory exists
+            self.recycled += "recycle.tmp" in self.disk.files(LOG)
+
+    async def open_retaining(self, **retention: float) -> walasync.Wal:
+        opts: dict[str, Any] = {**self.opts, **retention}
+        self.wal = await walasync.open(LOG, io=self.disk, on_segment_drop=self.hook, **opts)
+        return self.wal
+
+    def copy(self, path: str) -> bytes:
+        fd = self.disk.open_read(path)
+        try:
+            return self.disk.pread(fd, self.disk.size(fd), 0)
+        finally:
+            self.disk.close(fd)
+
+    async def hook(self, segment: walasync.SegmentInfo) -> bool | None:
+        self.calls += 1
+        wal = self.wal
+        assert wal is not None
+        if segment.last_lsn > wal.synced_lsn:
+            self.problems.append(f"shown {segment}, not durable (synced_lsn {wal.synced_lsn})")
+        if not segment.first_lsn <= wal.first_lsn:
+            self.problems.append(f"shown {segment}, not the oldest (first_lsn {wal.first_lsn})")
+        if self.calls % 5 == 2:
+            return False  # keep it, and every later one, this time
+        data = await asyncio.to_thread(self.copy, segment.path)
+        if len(data) != segment.size:
+            self.problems.append(f"shown {segment}, but the file holds {len(data)} bytes")
+        if self.calls % 7 == 4:
+            raise OSError("archive unreachable")  # the pass stops, the segment stays
+        self.archived.append((segment, data))
+        self.begun = max(self.begun, segment.last_lsn + 1)
+        return None
+
+
+async def retaining(s: RetentionSession) -> None:
+    """Appenders rotating 4 KiB segments, with retention by bytes (three segments), then,
+    reopened, by age (every sealed segment is old); `apply_retention` between rounds, and
+    (in the relaxed modes) `sync`, without which nothing is durable enough to drop."""
+    rng = random.Random(9)
+    retentions: list[dict[str, float]] = [{"retention_bytes": 3 * 4096}, {"retention_age": 1e-9}]
+    for phase, retention in enumerate(retentions):
+        async with await s.open_retaining(**retention) as wal:
+            for rnd in range(3):
+
+                async def appender(i: int, tag: str = f"k{phase}.{rnd}") -> None:
+                    for j in range(rng.randint(2, 5)):
+                        data = payload(f"{tag}.{i}.{j}", rng.randint(50, 900), rng)
+                        assert await s.append(wal, data)
+                    if s.opts["durability"] != "fsync" and rng.random() < 0.5:
+                        await wal.sync()
+
+                await asyncio.gather(*(appender(i) for i in range(4)))
+                with contextlib.suppress(OSError):  # the hook failed: the pass stopped
+                    await wal.apply_retention()
+
+
+@loops
+@pytest.mark.parametrize("durability", ["fsync", "none"])
+def test_crash_at_every_step_of_retention(loop: str, durability: str) -> None:
+    """Retention drops (after rotations and in `apply_retention`, by bytes and by age,
+    through a hook that archives, vetoes and fails) and recycles segments; a power loss
+    at any step leaves a log whose `first_lsn` is at least what had been committed and at
+    most where a drop the hook let go would put it; every acknowledged record from it on
+    (FSYNC; in NONE mode, every synced one) is there, byte for byte, LSNs dense; nothing
+    below it can be read, no segment file is wholly below it, and the log appends on.
+    The hook is only shown durable segments, oldest first, whole. In NONE mode only
+    "drop" images are checked (the others keep some unsynced writes of one file and lose
+    those of an earlier one), and where a new segment survives the unsynced records before
+    it, open reports the loss as README says the relaxed modes may: `walasync.repair`
+    must then cut only records that were never synced."""
+    opts: dict[str, Any] = {"segment_size": 4096, "durability": durability}
+    modes = ("drop", "torn", "reorder") if durability == "fsync" else ("drop",)
+
+    async def check(image: Image, bounds: tuple[int, int], history: History) -> None:
+        done, begun = bounds
+        disk = image.disk.crash()
+        try:
+            wal = await walasync.open(LOG, io=disk, segment_size=4096)
+        except walasync.CorruptionError:
+            if durability == "fsync":
+                raise
+            # Unsynced records lost before durable ones (a segment made after them, here):
+            # what repair cuts to open the log again must never have been synced.
+            report = await asyncio.to_thread(walasync.repair, LOG, io=disk)
+            assert report.cut_from > image.floor, f"repair cut synced records: {report}"
+            wal = await walasync.open(LOG, io=disk, segment_size=4096)
+        async with wal:
+            first, last = wal.first_lsn, wal.last_lsn
+            assert done <= first <= begun, f"first_lsn {first} outside {done}..{begun}"
+            assert first <= last + 1, f"first_lsn {first} above last_lsn {last} + 1"
+            assert last >= image.floor, f"acknowledged LSN {image.floor} lost (last {last})"
+            records = await read_all(wal)
+            assert [r.lsn for r in records] == list(range(first, last + 1)), "LSNs not dense"
+            for lsn, data in records:
+                assert data == history.records[lsn], f"LSN {lsn} holds other bytes"
+            if first > 1:
+                with pytest.raises(walasync.TruncatedError):
+                    wal.read(first - 1)
+            firsts = sorted(int(n[:-4]) for n in disk.listdir(LOG) if n.endswith(".wal"))
+            assert firsts[0] <= first and (len(firsts) == 1 or firsts[1] > first), (
+                f"segment files {firsts[:3]}, first_lsn {first}"
+            )
+            big = await wal.append(bytes(3000))  # rotates
+            assert [big, await wal.append(b"on")] == [last + 1, last + 2]
+            assert [r.lsn for r in await read_all(wal)] == list(range(first, last + 3))
+
+    async def main() -> int:
+        session = RetentionSession(SimulatedDisk.from_files({}, dirs=[ROOT]), opts, modes, 23)
+        await retaining(session)
+        session.stop()
+        assert not session.problems, session.problems[:SHOW]
+        assert len(session.archived) >= 4 and session.recycled, "too few drops to test"
+        # One check per distinct disk, with the tightest bounds of the images that left it.
+        merged: dict[object, tuple[Image, tuple[int, int]]] = {}
+        for image, (done, begun) in zip(session.images, session.bounds, strict=True):
+            key = tree(image.disk)
+            if key in merged:
+                seen, (low, high) = merged[key]
+                done, begun = max(done, low), min(begun, high)
+                image = image if image.floor >= seen.floor else seen
+            merged[key] = image, (done, begun)
+        failures = []
+        for image, bounds in merged.values():
+            error = await failure_of(check(image, bounds, session.history))
+            if error is not None:
+                failures.append(f"{image}: {error}")
+        assert not failures, "\n".join(failures[:SHOW])
+        return len(merged)
+
+    assert run(loop, main()) > (80 if durability == "fsync" else 15)
+
+
+class OriginSession(Session):
+    """A session that also records, for each image, whether `open` had returned."""
+
+    def __init__(self, disk: SimulatedDisk, opts: dict[str, Any], seed: int) -> None:
+        super().__init__(disk, opts, ("drop", "torn", "reorder"), seed)
+        self.returned = False
+        self.opened: list[bool] = []  # per image
+
+    def _capture(self, step: int, op: str) -> None:
+        before = len(self.images)
+        super()._capture(step, op)
+        self.opened += [self.returned] * (len(self.images) - before)
+
+
+@loops
+def test_crash_at_every_step_of_creating_a_log_at_first_lsn(loop: str) -> None:
+    """`open(first_lsn=N)` of a new log, then appends across segments: a power loss
+    before open returned leaves no log or an empty one that starts at N; one after leaves
+    a log that starts at N and holds every acknowledged record. Either way the log opens
+    with `first_lsn=None` (or N: another N is refused) and the next append gets the next
+    LSN from N on."""
+    origin = 2**40 + 7
+    opts: dict[str, Any] = {"segment_size": 4096}
+
+    async def workload(s: OriginSession) -> None:
+        rng = random.Random(10)
+        wal = s.wal = await walasync.open(LOG, io=s.disk, first_lsn=origin, **opts)
+        s.returned = True
+        async with wal:
+            assert (wal.first_lsn, wal.last_lsn) == (origin, origin - 1)
+            for j in range(12):
+                assert await s.append(wal, payload(f"o{j}", rng.randint(100, 1500), rng))
+
+    async def check(image: Image, returned: bool, history: History) -> None:
+        disk = image.disk.crash()
+        names = disk.listdir(LOG) if "log" in disk.listdir(ROOT) else []
+        if not ("META" in names or any(n.endswith(".wal") for n in names)):
+            assert not returned, "open had returned, and the log is gone"
+            return
+        with pytest.raises(ValueError, match="starts at LSN"):
+            await walasync.open(LOG, io=disk, first_lsn=origin + 1, **opts)
+        async with walasync.open(LOG, io=disk, **opts) as wal:
+            first, last = wal.first_lsn, wal.last_lsn
+            records = await read_all(wal)
+        assert first == origin, f"the log starts at {first}, not {origin}"
+        assert last >= max(image.floor, origin - 1), f"acknowledged LSN {image.floor} lost"
+        assert [r.lsn for r in records] == list(range(origin, last + 1)), "LSNs not dense"
+        for lsn, data in records:
+            assert data == history.records[lsn], f"LSN {lsn} holds other bytes"
+        async with walasync.open(LOG, io=disk, first_lsn=origin, **opts) as wal:
+            assert await wal.append(b"next") == last + 1
+
+    async def main() -> tuple[int, int]:
+        session = OriginSession(SimulatedDisk.from_files({}, dirs=[ROOT]), opts, 24)
+        await workload(session)
+        session.stop()
+        failures = []
+        for image, returned in zip(session.images, session.opened, strict=True):
+            error = await failure_of(check(image, returned, session.history))
+            if error is not None:
+                failures.append(f"{image}: {error}")
+        assert not failures, "\n".join(failures[:SHOW])
+        assert session.history.top >= origin + 11
+        return len(session.images), session.opened.count(False)
+
+    images, before_open = run(loop, main())
+    assert images > 50 and before_open > 5
+
+
+@loops
+@pytest.mark.parametrize("ending", ["closed", "killed"])
+def test_a_log_written_in_none_mode_is_durable_once_reopened(loop: str, ending: str) -> None:
+    """Durability.NONE seals segments without fdatasync, and neither `close()` nor a kill
+    syncs them. Opening the log again in NONE mode makes what it recovered durable (as
+    `synced_lsn == last_lsn` then says), so a power loss at any step after open returned
+    keeps every record from before, and what `sync()` covered since."""
+    opts: dict[str, Any] = {"segment_size": 4096, "durability": "none"}
+
+    async def main() -> int:
+        disk = SimulatedDisk.from_files({}, dirs=[ROOT])
+        rng = random.Random(25)
+        before = [payload(f"n{j}", rng.randint(100, 1500), rng) for j in range(20)]
+        async with walasync.open(LOG, io=disk, **opts) as wal:
+            for data in before:
+                await wal.append(data)  # rotates, sealing segments that are never synced
+            assert wal.synced_lsn == 0
+            if ending == "killed":
+                disk = disk.crash("process")  # the page cache survives a kill
+        disk.on_step = None
+        wal = await walasync.open(LOG, io=disk, **opts)
+        session = Session(disk, opts, ("drop",), 25)
+        session.wal = wal
+        session.history.start(before)
+        async with wal:
+            assert wal.synced_lsn == wal.last_lsn == len(before)
+            for j in range(6):
+                assert await session.append(wal, payload(f"m{j}", rng.randint(100, 1500), rng))
+                if j % 2:
+                    await wal.sync()
+        session.stop()
+        failures = []
+        for image in distinct(session.images):
+            error = await failure_of(
+                check_recovered(image.disk, opts, session.history, image.floor)
+            )
+            if error is not None:
+                failures.append(f"{image}: {error}")
+        assert not failures, "\n".join(failures[:SHOW])
+        return len(session.images)
+
+    assert run(loop, main()) > 10

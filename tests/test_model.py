@@ -13,13 +13,16 @@ was shown still existed; after a truncation or a reopen, the oldest segment file
 `first_lsn` and none is wholly below it.
 
 Each machine opens a log in a fresh temporary directory with 4 KiB segments (rotation
-every few records), a random origin (`first_lsn=`, up to 2**63), durability (FSYNC or
-INTERVAL) and `retention_bytes` (none, 1 byte, or three segments), and drives it on its
-own event loop (asyncio or uvloop, by parametrization): a RuleBasedStateMachine is
-synchronous, so each step runs its coroutine with `run_until_complete`. What a step does
-to the model must not depend on timing, or hypothesis cannot replay it: INTERVAL's
-background sync is an hour apart, so what is durable (which bounds what retention drops)
-moves only with the `sync` rule and reopening.
+every few records), a random origin (`first_lsn=`, up to 2**63), durability (FSYNC,
+INTERVAL or NONE) and retention (none, `retention_bytes` of 1 byte or three segments, or
+`retention_age` of an hour), and drives it on its own event loop (asyncio or uvloop, by
+parametrization): a RuleBasedStateMachine is synchronous, so each step runs its coroutine
+with `run_until_complete`. What a step does to the model must not depend on timing, or
+hypothesis cannot replay it: INTERVAL's background sync is an hour apart (NONE has none),
+so what is durable (which bounds what retention drops) moves only with the `sync` rule
+and reopening; and no file is an hour old unless the `apply_retention` rule backdates it
+(`os.utime`), so what `retention_age` drops is the backdated oldest segments (all of them
+in FSYNC mode; in the relaxed modes, those durable).
 
 Retention: the pass that runs by itself after a rotation would move `first_lsn` at a
 moment the model cannot know, so the `on_segment_drop` hook vetoes every drop outside the
@@ -38,8 +41,8 @@ Followers: the `follow` rule starts `read(start, end, follow=True)` as a task (u
 per opening of the log; `start` anywhere from `first_lsn - 2` to `last_lsn + 3`, `end`
 none or near), some of them slow consumers that stop after a few records, holding their
 batch and position, until the `release_followers` rule. The model also keeps
-`synced_lsn` (the durable watermark; FSYNC: `last_lsn`; INTERVAL: it moves only with
-`sync`, reopening, a `truncate_front` past it, and a `truncate_back` that removes
+`synced_lsn` (the durable watermark; FSYNC: `last_lsn`; INTERVAL and NONE: it moves only
+with `sync`, reopening, a `truncate_front` past it, and a `truncate_back` that removes
 something). After every step (and before a `truncate_back`, so that the model knows where
 each follower stands when the cut comes) every follower that is not held is first let
 catch up (it waits for the watermark, or has ended), then:
@@ -54,7 +57,8 @@ catch up (it waits for the watermark, or has ended), then:
 - `TruncatedError` otherwise only when `truncate_front` overtook it (its position below
   `first_lsn`): never a skipped record;
 - closing ends every follower (slow ones are let go after `close()`) with everything
-  durable by then, or ended at its `end`.
+  durable by then (`close()` syncs in INTERVAL mode, not in NONE mode: README, "Durability
+  modes"), or ended at its `end`.
 
 Environment: WALASYNC_MODEL_EXAMPLES (default 40) examples per event loop,
 WALASYNC_MODEL_STEPS (default 30) steps per example; `--hypothesis-seed` replays.
@@ -98,10 +102,8 @@ T = TypeVar("T")
 SEGMENT = 4096
 EXAMPLES = int(os.environ.get("WALASYNC_MODEL_EXAMPLES", "40"))
 STEPS = int(os.environ.get("WALASYNC_MODEL_STEPS", "30"))
-# Durability.NONE is left out until removing a sealed segment whose seal was never synced
-# stops breaking the log (the two `..._in_none_mode_keeps_the_log_working` tests below);
-# with "none" here the model finds that bug within a few hundred examples.
-DURABILITIES = ("fsync", "interval")
+DURABILITIES = ("fsync", "interval", "none")
+AGE = 3600.0  # retention_age: only files the apply_retention rule backdates are that old
 
 # A bug fixed since (tests/test_cut_races.py, test_a_read_that_gave_a_whole_segment_then_
 # crosses_a_cut): a follower that gave the last record of a segment a truncate_back then
@@ -224,6 +226,7 @@ class LogModel(RuleBasedStateMachine):
         # Retention: whether the hook lets segments go, what it let go, what went wrong.
         self.may_drop = False
         self.let_go: list[SegmentInfo] = []
+        self.aged: set[int] = set()  # first LSNs of segment files backdated (retention_age)
         self.problems: list[str] = []
         # Followers of the open log; the records truncate_front removed since they were
         # last checked (one of them may have given some before the removal).
@@ -311,7 +314,10 @@ class LogModel(RuleBasedStateMachine):
             return
         if not closed:
             self.settle()
-        durable = self.last if closed else self.durable
+        # close() fdatasyncs in INTERVAL mode, and not in NONE mode, which syncs only on
+        # sync() (README, "Durability modes"): a follower ends with what was durable then.
+        interval = self.options["durability"] == "interval"
+        durable = self.last if closed and interval else self.durable
         for i, f in enumerate(self.followers):
             where = f"follower {i} (from {f.start}, end {f.end})"
             assert not f.problems, f"{where}: {f.problems}"
@@ -365,17 +371,24 @@ class LogModel(RuleBasedStateMachine):
     @initialize(
         origin=st.none() | st.integers(1, 2**40) | st.just(2**63),
         durability=st.sampled_from(DURABILITIES),
-        retention=st.none() | st.sampled_from([1, 3 * SEGMENT]),
+        retention=st.none()
+        | st.sampled_from([("retention_bytes", 1), ("retention_bytes", 3 * SEGMENT)])
+        | st.just(("retention_age", AGE)),
     )
-    def open_log(self, origin: int | None, durability: str, retention: int | None) -> None:
+    def open_log(
+        self, origin: int | None, durability: str, retention: tuple[str, float] | None
+    ) -> None:
         self.options = {
             "segment_size": SEGMENT,
             "durability": durability,
             "sync_interval": 3600,  # INTERVAL syncs only when a step says so
-            "retention_bytes": retention,
+            "retention_bytes": None,
+            "retention_age": None,
             "on_segment_drop": self.on_drop,
             "first_lsn": origin,
         }
+        if retention is not None:
+            self.options[retention[0]] = retention[1]
         self.wal = self.run(walasync.open(self.path, **self.options))
         self.first = self.next = origin or 1
         self.synced = self.last
@@ -431,6 +444,7 @@ class LogModel(RuleBasedStateMachine):
         # Cutting everything (first_lsn - 1) never splits a unit that anyone can read.
         if lsn in self.unit_ends or lsn == self.last or lsn == self.first - 1:
             self.run(cut(lsn))
+            self.aged.clear()  # the cut rewrote a segment (a new mtime), maybe a backdated one
             if lsn < self.last:  # a cut makes what it keeps durable first
                 self.synced = lsn
             self.cut_back(lsn, live)
@@ -438,8 +452,14 @@ class LogModel(RuleBasedStateMachine):
             with pytest.raises(ValueError):
                 self.run(cut(lsn))
 
-    @rule()
-    def apply_retention(self) -> None:
+    @rule(aged=st.integers(1, 3))
+    def apply_retention(self, aged: int) -> None:
+        """With `retention_age`, first backdate the `aged` oldest sealed segment files by
+        decades: those (and no other) are old enough to go, if durable."""
+        if self.options["retention_age"] is not None:
+            for path in segment_files(Path(self.path))[:-1][:aged]:
+                os.utime(path, (1, 1))
+                self.aged.add(int(path.stem))
         self.may_drop = True
         try:
             returned = self.run(self.log.apply_retention())
@@ -448,7 +468,7 @@ class LogModel(RuleBasedStateMachine):
         self.run(self.log.apply_retention())  # after any pass that let segments go
         let_go, self.let_go = self.let_go, []
         limit = self.options["retention_bytes"]
-        if limit is None:
+        if limit is None and self.options["retention_age"] is None:
             assert returned == [] and let_go == []
             return
         assert let_go[len(let_go) - len(returned) :] == returned
@@ -460,7 +480,15 @@ class LogModel(RuleBasedStateMachine):
             assert let_go[-1].last_lsn <= self.log.synced_lsn, "dropped what was not durable"
             self.cut_front(let_go[-1].last_lsn + 1)
             self.check_files()
-        if self.options["durability"] == "fsync":  # everything acknowledged is durable
+        if limit is None:  # by age: only backdated files went, and every durable one did
+            gone = {s.first_lsn for s in let_go}
+            assert gone <= self.aged, f"dropped {sorted(gone - self.aged)}, not old"
+            firsts = [int(p.stem) for p in segment_files(Path(self.path))]
+            self.aged &= set(firsts)
+            if len(firsts) > 1 and firsts[0] in self.aged:
+                assert firsts[1] - 1 > self.log.synced_lsn, f"kept {firsts[0]}, old and durable"
+            event(f"apply_retention by age: {min(len(gone), 3)} dropped (3: or more)")
+        elif self.options["durability"] == "fsync":  # everything acknowledged is durable
             sizes = [p.stat().st_size for p in segment_files(Path(self.path))]
             assert sum(sizes) <= limit or len(sizes) == 1, f"kept {sizes} over {limit}"
 

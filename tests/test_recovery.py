@@ -1109,6 +1109,10 @@ async def test_empty_segment_after_an_unsealed_one_with_a_gap_is_corruption(
     empty.write_bytes(fmt.encode_segment_header(14, 0x5EED) + bytes(SEGMENT - HEADER))
     exc = await open_fails(log_dir)
     assert exc.path == str(first)
+    # The failed open kept the empty segment, the proof that LSN 13 was reached: opening
+    # again fails again instead of going on from LSN 11 (LSNs handed out twice).
+    assert empty.exists()
+    assert (await open_fails(log_dir)).path == str(first)
 
 
 def as_format_1(segment: Path) -> None:

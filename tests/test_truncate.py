@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from itertools import pairwise
 from pathlib import Path
@@ -261,6 +262,47 @@ async def test_the_hook_can_veto_and_a_failing_hook_stops_the_pass(log_dir: Path
         assert gone
         assert wal.first_lsn == gone[-1].last_lsn + 1
         assert len(segment_files(log_dir)) == 1  # everything sealed went
+
+
+async def test_a_failing_hook_in_the_pass_after_a_rotation_is_logged_and_retried(
+    log_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The pass that runs by itself after a rotation has no caller to raise to: a hook
+    failing there is logged (a WARNING naming the segment and the error, with the
+    traceback); the segment stays, appends go on, and a later pass drops it."""
+    shown: list[walasync.SegmentInfo] = []
+    failing = True
+
+    async def hook(segment: walasync.SegmentInfo) -> None:
+        shown.append(segment)
+        if failing:
+            raise OSError("archive unreachable")
+
+    def warnings() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.getMessage().startswith("retention of")]
+
+    caplog.set_level(logging.WARNING, logger="walasync")
+    async with walasync.open(log_dir, retention_bytes=1, on_segment_drop=hook, **small()) as wal:
+        while len(segment_files(log_dir)) < 2:
+            await fill(wal, 1)
+        await until(warnings, "the failed pass to be logged")
+        first = shown[0]
+        assert first.first_lsn == 1
+        warning = warnings()[0]
+        assert warning.levelno == logging.WARNING and warning.name == "walasync"
+        assert first.path in warning.getMessage()
+        assert "archive unreachable" in warning.getMessage()
+        assert warning.exc_info is not None and isinstance(warning.exc_info[1], OSError)
+        assert wal.first_lsn == 1 and await asyncio.to_thread(os.path.exists, first.path)
+        last = wal.last_lsn
+        assert await fill(wal, 3) == [last + 1, last + 2, last + 3]
+        failing = False
+        while wal.first_lsn == 1:  # appends rotate again, and that pass succeeds
+            await fill(wal, 1)
+            await asyncio.sleep(0)
+        assert [s.first_lsn for s in shown].count(1) >= 2  # shown again
+        assert wal.first_lsn > first.last_lsn
+        assert not await asyncio.to_thread(os.path.exists, first.path)
 
 
 async def test_retention_never_drops_what_is_not_durable(log_dir: Path) -> None:

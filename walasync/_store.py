@@ -332,6 +332,15 @@ class Store:
             _meta.write_meta(io, self.path, self.meta)
         return last
 
+    def sync_sealed(self) -> None:
+        """fdatasync every sealed segment (those a writer in NONE mode left unflushed)."""
+        for first in self.segments[:-1]:
+            fd = self.io.open(self.segment_path(first))
+            try:
+                self.io.fdatasync(fd)
+            finally:
+                self.io.close(fd)
+
     def read_meta(self) -> Meta | None:
         """The log's META as it is on disk, or None if it has none.
 
@@ -559,10 +568,19 @@ class Store:
             if seg.read_seal(self.io, fd, salt) is not None:
                 return False
             # A seal whose file was not cut yet when the writer died: look for it in place.
-            if seg.scan_tail(self.io, fd, path, prev, salt).sealed:
+            before = seg.scan_tail(self.io, fd, path, prev, salt)
+            if before.sealed:
                 return False
         finally:
             self.io.close(fd)
+        if before.next_lsn != self.segments[-1]:
+            # Records the empty segment's name proves were written are missing: say so
+            # before deleting that proof, or the next open would go on without them.
+            raise CorruptionError(
+                path,
+                before.end,
+                f"expected LSN {self.segments[-1]}, found the end of the data",
+            )
         self.io.unlink(self.segment_path(self.segments[-1]))
         self.io.fsync_dir(self.path)
         self.segments = self.segments[:-1]

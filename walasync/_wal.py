@@ -20,7 +20,7 @@ from ._appender import Appender
 from ._batcher import Batcher
 from ._compress import Compressor
 from ._io import FileIO
-from ._options import Options
+from ._options import Durability, Options
 from ._reader import Batch, Record, follow_batches, follow_records, read_batches, read_records
 from ._stats import Stats
 from ._store import LastSegment, SegmentInfo, Store
@@ -63,7 +63,16 @@ def _open_files(
     if options.compression is not None:
         store.compress = Compressor(options.compression_level)
     try:
-        return store, store.recover(options.segment_size, first_lsn)
+        last = store.recover(options.segment_size, first_lsn)
+        if options.durability is Durability.NONE:
+            # A NONE writer seals segments without fdatasync: one may still be unflushed.
+            # Open makes what it recovered durable (synced_lsn starts at last_lsn).
+            try:
+                store.sync_sealed()
+            except BaseException:
+                io.close(last.fd)
+                raise
+        return store, last
     except BaseException:
         store.close()
         raise
@@ -111,6 +120,7 @@ class Wal:
             store, last, worker, options, self._retain_soon if retains else None
         )
         self._retainer: asyncio.Task[None] | None = None
+        self._dropping: SegmentInfo | None = None  # the segment a retention pass is at
         # The sizes of the segments sealed before open, read in the background (for stats).
         self._measurer: asyncio.Task[None] | None = None
         if len(store.segments) > 1:
@@ -364,6 +374,7 @@ class Wal:
             return []
         dropped: list[SegmentInfo] = []
         async with self._lifecycle:
+            self._dropping = None
             with _os_errors(f"applying retention to {self.path}"):
                 candidates = await self._worker.run(
                     self._store.retention_candidates,
@@ -373,12 +384,14 @@ class Wal:
                     self._batcher.synced_lsn,
                 )
             for segment in candidates:
+                self._dropping = segment  # for the warning of a pass after a rotation
                 hook = self.on_segment_drop
                 if hook is not None and await hook(segment) is False:
                     break
                 with _os_errors(f"dropping {segment.path}"):
                     await self._worker.run(self._store.truncate_front, segment.last_lsn + 1)
                 dropped.append(segment)
+            self._dropping = None
         return dropped
 
     def _retain_soon(self) -> None:
@@ -391,8 +404,15 @@ class Wal:
             await self.apply_retention()
         except (ClosedError, BrokenLogError):
             pass
-        except Exception:
-            _log.warning("retention of %s failed; the log goes on", self.path, exc_info=True)
+        except Exception as exc:
+            segment = self._dropping
+            _log.warning(
+                "retention of %s failed%s: %r; the log goes on",
+                self.path,
+                "" if segment is None else f" at {segment.path}",
+                exc,
+                exc_info=True,
+            )
 
     async def sync(self) -> None:
         """Return once everything appended so far is fdatasync'd (for the relaxed modes).
