@@ -146,11 +146,11 @@ def _describe(io: FileIO, store: Store, meta: Meta | None, problems: list[str]) 
                 if seal is not None:
                     end = seal.next_lsn - 1
                 else:  # no seal to tell (damaged, or it never got one): its data does
-                    recycled = header.previous_salt != 0
-                    end = seg.scan_tail(io, fd, path, lsn, header.salt, recycled).next_lsn - 1
+                    tail = seg.scan_tail(io, fd, path, lsn, header.salt, header.previous_salt)
+                    end = tail.next_lsn - 1
                 last_lsn = end
             else:
-                tail = seg.scan_tail(io, fd, path, lsn, header.salt, header.previous_salt != 0)
+                tail = seg.scan_tail(io, fd, path, lsn, header.salt, header.previous_salt)
                 state, end = "active", tail.next_lsn - 1
                 if tail.sealed:
                     state = "sealed"

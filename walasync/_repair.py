@@ -251,7 +251,7 @@ def _highest(io: FileIO, store: Store, fix: Fix, later: bool) -> tuple[int, int]
             # What a file without a valid header held cannot be told (its name alone
             # promises nothing): count the valid records before it.
             return _end_before(io, store, fix), io.size(fd)
-        tail = seg.scan_tail(io, fd, path, last, header.salt, header.previous_salt != 0)
+        tail = seg.scan_tail(io, fd, path, last, header.salt, header.previous_salt)
         end = tail.junk  # past the data, the seal and whatever torn bytes follow
         if later or tail.end > fix.offset:
             return tail.next_lsn - 1, end
@@ -282,7 +282,7 @@ def _end_before(io: FileIO, store: Store, fix: Fix) -> int:
             header = seg.read_full_header(io, fd, path, first)
         except CorruptionError:
             return fix.lsn - 1
-        tail = seg.scan_tail(io, fd, path, first, header.salt, header.previous_salt != 0)
+        tail = seg.scan_tail(io, fd, path, first, header.salt, header.previous_salt)
         return max(tail.next_lsn - 1, fix.lsn - 1)
     finally:
         io.close(fd)

@@ -321,17 +321,24 @@ class Tail:
     next_lsn: int  # the LSN the next batch must carry
     index: Index  # of the segment's batches
     sealed: bool  # a valid seal frame follows the last batch
-    junk: int  # offset just past the last non-zero byte after the data (or the seal)
+    # Just past the last non-zero byte after the data (or the seal) that is no old frame
+    # of a recycled file: the end of a torn write, or of the bytes up to `corrupt`.
+    junk: int
     corrupt: int | None  # offset of a valid batch beyond invalid bytes (data lost), if any
 
 
 def scan_tail(
-    io: FileIO, fd: int, path: str, first_lsn: int, salt: int, recycled: bool = False
+    io: FileIO, fd: int, path: str, first_lsn: int, salt: int, previous_salt: int = 0
 ) -> Tail:
     """Walk a segment to the end of its valid data, without changing the file.
 
-    In a `recycled` file, what lies after the data is mostly the old segment's frames: the
-    junk to look at (a torn batch) ends where the first of them begins intact.
+    In a recycled file (`previous_salt`: the salt it had before), the data is followed by
+    the old segment's bytes: the rest of the old frame the data ends in, then old frames,
+    which are no torn write. A torn write is one that began where the data ends, so it
+    starts with the header of the frame that must come next (its LSN), and it reaches no
+    further than where an old frame begins intact (one that checks under the old salt).
+    Any valid batch of this segment in between means records are missing, torn write or
+    not.
     """
     scan = Scan(io, fd, path, salt, fmt.SEGMENT_HEADER, first_lsn)
     index = Index()
@@ -340,10 +347,24 @@ def scan_tail(
             index.add(head.first_lsn, offset)
     end = scan.offset
     after = end + scan.seal_size
-    stop = _stale_start(io, fd, after, scan.file_size, first_lsn) if recycled else scan.file_size
+    stop = scan.file_size
+    if previous_salt:
+        stop = _stale_start(io, fd, after, stop, previous_salt)
     junk = _last_nonzero(io, fd, after, stop)
     corrupt = _valid_batch_after(scan, after, junk) if junk > after else None
+    if previous_salt and corrupt is None and not _starts_frame(io, fd, after, scan.next_lsn):
+        junk = after  # the old segment's bytes: nothing of a new write is there
     return Tail(end, scan.next_lsn, index, scan.end == "sealed", junk, corrupt)
+
+
+def _starts_frame(io: FileIO, fd: int, offset: int, lsn: int) -> bool:
+    """Whether a frame header (a batch's or a seal's) for `lsn` is at `offset`: the start
+    of a write made there, whole or torn after its header."""
+    buf = io.pread(fd, fmt.BATCH_HEADER, offset)
+    if len(buf) < fmt.BATCH_HEADER:
+        return False
+    head = fmt.parse_batch_header(buf) or fmt.parse_seal_header(buf)
+    return head is not None and head.first_lsn == lsn
 
 
 def repair_tail(io: FileIO, fd: int, path: str, tail: Tail) -> bool:
@@ -367,36 +388,54 @@ def repair_tail(io: FileIO, fd: int, path: str, tail: Tail) -> bool:
     return False
 
 
-def _stale_start(io: FileIO, fd: int, start: int, stop: int, first_lsn: int) -> int:
-    """The first 8-aligned offset after `start` holding the header of a frame of the file's
-    previous life (an LSN below this segment's first), or `stop`."""
+def _stale_start(io: FileIO, fd: int, start: int, stop: int, previous_salt: int) -> int:
+    """The first 8-aligned offset after `start` where a frame of the file's previous life
+    begins intact (its checksum holds under `previous_salt`), or `stop`.
+
+    The checksum, not the LSN alone, tells an old frame: a record's bytes (or a torn
+    write's) that look like an old frame's header do not end the search early."""
     magics = (*_BATCH_MAGICS, fmt.SEAL_MAGIC.to_bytes(4, "little"))
     pos = start + 8
     while pos < stop:
         chunk = io.pread(fd, min(_SKIP_CHUNK, stop - pos) + fmt.BATCH_HEADER, pos)
-        found = []
+        found: list[int] = []
         for magic in magics:
             i = chunk.find(magic)
             while i != -1 and i + fmt.BATCH_HEADER <= len(chunk):
                 if (pos + i) % 8 == 0:
-                    head = fmt.parse_batch_header(chunk, i) or fmt.parse_seal_header(chunk, i)
-                    if head is not None and head.first_lsn < first_lsn:
-                        found.append(pos + i)
-                        break
+                    found.append(i)
                 i = chunk.find(magic, i + 1)
-        if found:
-            return min(min(found), stop)
+        for i in sorted(found):
+            if pos + i < stop and _is_old_frame(io, fd, chunk, i, pos + i, previous_salt):
+                return pos + i
         pos += _SKIP_CHUNK
     return stop
 
 
-def zero_after(io: FileIO, fd: int, start: int, recycled_first: int = 0) -> None:
+def _is_old_frame(
+    io: FileIO, fd: int, chunk: bytes, i: int, offset: int, previous_salt: int
+) -> bool:
+    """Whether the frame whose header is at `i` of `chunk` (the file's `offset`) is whole
+    and checks under `previous_salt`."""
+    head = fmt.parse_batch_header(chunk, i) or fmt.parse_seal_header(chunk, i)
+    if head is None:
+        return False
+    start = i + fmt.BATCH_HEADER
+    payload = chunk[start : start + head.length]
+    if len(payload) < head.length:
+        if offset + fmt.BATCH_HEADER + head.length > io.size(fd):
+            return False
+        payload = io.pread(fd, head.length, offset + fmt.BATCH_HEADER)
+    return fmt.check_batch(head, payload, previous_salt)
+
+
+def zero_after(io: FileIO, fd: int, start: int, previous_salt: int = 0) -> None:
     """Write zeros from `start` to the last non-zero byte of the file (not synced); in a
-    recycled file, to where its old frames begin (`recycled_first`: the segment's first
-    LSN)."""
+    recycled file (`previous_salt`: the salt it had before), to where its old frames begin
+    intact."""
     stop = io.size(fd)
-    if recycled_first:
-        stop = _stale_start(io, fd, start, stop, recycled_first)
+    if previous_salt:
+        stop = _stale_start(io, fd, start, stop, previous_salt)
     end = _last_nonzero(io, fd, start, stop)
     if end > start:
         io.zero_fill(fd, start, end)

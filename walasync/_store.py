@@ -480,8 +480,7 @@ class Store:
                 if meta.cut != first or end != fmt.SEGMENT_HEADER:
                     raise
                 header = seg.reset_header(io, fd, first)
-            recycled_first = first if header.previous_salt else 0
-            seg.zero_after(io, fd, end, recycled_first)  # the rest of the batch, later ones
+            seg.zero_after(io, fd, end, header.previous_salt)  # the rest of the batch, later ones
             if io.size(fd) < segment_size:  # sealed, so cut short: room to write again
                 io.preallocate(fd, segment_size)
             io.fdatasync(fd)
@@ -504,7 +503,7 @@ class Store:
             try:
                 header = seg.read_full_header(io, fd, path, last)
                 salt, recycled = header.salt, header.previous_salt != 0
-                tail = seg.scan_tail(io, fd, path, last, salt, recycled)
+                tail = seg.scan_tail(io, fd, path, last, salt, header.previous_salt)
                 if expected is not None and tail.next_lsn != expected:
                     raise CorruptionError(
                         path, tail.end, f"expected LSN {expected}, found the end of the data"

@@ -301,8 +301,7 @@ class _Walk:
         self, fd: int, path: str, first: int, header: fmt.SegmentHeader
     ) -> tuple[Problem, Fix | None] | None:
         """The end of the last segment, judged as recovery judges it."""
-        recycled = header.previous_salt != 0
-        tail = seg.scan_tail(self.io, fd, path, first, header.salt, recycled)
+        tail = seg.scan_tail(self.io, fd, path, first, header.salt, header.previous_salt)
         self.last = tail.next_lsn - 1
         fix = Fix("cut", first, tail.end, tail.next_lsn)
         if tail.sealed:
