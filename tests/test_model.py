@@ -6,11 +6,12 @@ The model is what the log should hold: a dict of LSN -> bytes, `first` (`first_l
 front (at any valid LSN: below `first_lsn`, `first_lsn`, `last_lsn + 1`; invalid LSNs
 expect `ValueError`), apply retention, sync, close and reopen (with the same options, and
 first once with a wrong `first_lsn`, which must be refused), read random ranges (below
-`first_lsn` is `TruncatedError`, below 1 `ValueError`), and truncate while a read and
-appends are running. After every step `first_lsn` and `last_lsn` match the model, reading
-the whole log gives the model's records byte for byte, and every file the retention hook
-was shown still existed; after a truncation or a reopen, the oldest segment file holds
-`first_lsn` and none is wholly below it.
+`first_lsn` is `TruncatedError`, below 1 `ValueError`), truncate while a read and appends
+are running, and read through a read-only opening kept across steps (it must follow the
+writer's truncations, cuts and recycled segments). After every step `first_lsn` and
+`last_lsn` match the model, reading the whole log gives the model's records byte for byte,
+and every file the retention hook was shown still existed; after a truncation or a reopen,
+the oldest segment file holds `first_lsn` and none is wholly below it.
 
 Each machine opens a log in a fresh temporary directory with 4 KiB segments (rotation
 every few records), a random origin (`first_lsn=`, up to 2**63), durability (FSYNC,
@@ -149,7 +150,7 @@ async def append_together(
 
 
 async def read_all(
-    wal: walasync.Wal, start: int | None = None, end: int | None = None
+    wal: walasync.Wal | walasync.ReadOnlyWal, start: int | None = None, end: int | None = None
 ) -> list[Record]:
     return [r async for r in wal.read(start, end)]
 
@@ -217,6 +218,7 @@ class LogModel(RuleBasedStateMachine):
         self.tmp = tempfile.mkdtemp(prefix="walasync-model-")
         self.path = os.path.join(self.tmp, "log")
         self.wal: walasync.Wal | None = None
+        self.ro: walasync.ReadOnlyWal | None = None  # opened read-only, kept across steps
         self.options: dict[str, Any] = {}
         # The model.
         self.records: dict[int, bytes] = {}
@@ -573,6 +575,19 @@ class LogModel(RuleBasedStateMachine):
             expected = [Record(n, self.records[n]) for n in range(low, high + 1)]
             assert self.run(read_all(self.log, start, end)) == expected
 
+    @rule(data=st.data())
+    def read_only(self, data: st.DataObject) -> None:
+        """A reader that opened the log read-only (as another process would) at the first
+        of these steps and kept it open since, with the indexes and the last segment as it
+        last saw them, whatever the writer did between: it reads the model's records."""
+        if self.ro is None:
+            self.ro = self.run(walasync.open(self.path, readonly=True))
+        start = data.draw(st.integers(self.first, self.next), label="read-only start")
+        end = data.draw(st.none() | st.integers(start - 1, self.next + 2), label="end")
+        high = self.last if end is None else min(end, self.last)
+        expected = [Record(n, self.records[n]) for n in range(start, high + 1)]
+        assert self.run(read_all(self.ro, start, end)) == expected
+
     @rule(data=st.data(), units=st.lists(UNIT, max_size=4), pause=st.booleans())
     def truncate_while_reading_and_appending(
         self, data: st.DataObject, units: list[Unit], pause: bool
@@ -659,6 +674,8 @@ class LogModel(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         try:
+            if self.ro is not None:
+                self.run(self.ro.close())
             if self.wal is not None:
                 try:
                     self.close()

@@ -22,7 +22,8 @@ a cut it finds. Pure encoding here; the file operations take an I/O layer.
     then, during a cut, the rewritten batch (header and padded payload), possibly empty
 
 A reader in another process (read-only opening) learns from "cuts" and "last cut" that the
-writer cut the log back since it last looked.
+writer cut the log back since it last looked (`Meta.cut_since`: after more than one cut,
+the lower ones are unknown, and it assumes the lowest possible).
 """
 
 from __future__ import annotations
@@ -78,6 +79,23 @@ class Meta:
 
     def with_(self, **changes: object) -> Meta:
         return replace(self, **changes)  # type: ignore[arg-type]
+
+    def cut_since(self, before: Meta) -> int:
+        """The lowest LSN that the truncate_back calls committed between `before` and this
+        META may have removed; 0 if there was none.
+
+        After one, its cut (`last_cut`). After more than one, META names only the last, so
+        the lowest any of them could have removed: `before.first_lsn` (a cut never removes
+        below the first LSN, which never goes down). If the log is not the one `before`
+        described (another identity, or fewer cuts), 1.
+        """
+        if (before.log_id and self.log_id != before.log_id) or self.cuts < before.cuts:
+            return 1
+        if self.cuts == before.cuts:
+            return 0
+        if self.cuts == before.cuts + 1:
+            return self.last_cut
+        return max(before.first_lsn, 1)
 
     def encode(self) -> bytes:
         head = _HEAD.pack(

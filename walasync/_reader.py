@@ -10,6 +10,10 @@ raises: it closes every file it opened, and none while a read still uses it.
 A follower reads in passes, each a plain read: it takes the durable watermark, then the
 snapshot (which then holds every segment with a record up to the watermark), and reads up
 to the watermark; between passes it waits, holding no file, until the writer wakes it.
+
+A read-only store (a writer in another process) has no watermark and no `cutting`: its
+reads stop at what the last look found, and read META after each chunk
+(`_read_then_look`): a truncation there stops the read as one made while it ran.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from functools import partial
 from typing import Any, NamedTuple, Protocol, TypeVar
 
 from . import _format as fmt
@@ -107,6 +112,7 @@ def _open_scan(store: Store, first_lsn: int, start: int) -> seg.Scan:
     the caller skips records below `start`), through the segment's index where one is
     known, never by walking the segment from its start."""
     io = store.io
+    epoch = store.cut_epoch  # before the seal is read: see `Store.keep_index`
     path = store.segment_path(first_lsn)
     fd = io.open_read(path)
     try:
@@ -117,7 +123,7 @@ def _open_scan(store: Store, first_lsn: int, start: int) -> seg.Scan:
             if index is None:
                 seal = seg.read_seal(io, fd, salt)
                 if seal is not None:
-                    index = store.indexes.setdefault(first_lsn, seal.index)
+                    index = store.keep_index(first_lsn, seal.index, epoch)
             found = index.find(start) if index is not None else None
             if found is not None:
                 scan.seek(*found)
@@ -131,18 +137,22 @@ def _open_scan(store: Store, first_lsn: int, start: int) -> seg.Scan:
 
 
 def read_records(
-    store: Store, segments: tuple[int, ...], start: int, stop: int
+    store: Store, segments: tuple[int, ...], start: int, stop: int, ncuts: int | None = None
 ) -> AsyncGenerator[Record, None]:
     """Yield the records with LSNs in [start, stop] from `segments`, a snapshot of the
     store's segment list (a truncate_back committed after this call, even before the first
-    record is asked for, counts as one made while the read ran).
+    record is asked for, counts as one made while the read ran; with `ncuts`, every one
+    after the first `ncuts` of the store's `cuts`: a read-only reader's `stop` is what it
+    saw with that many).
 
     Raises:
         TruncatedError: the records this read was at were truncated meanwhile.
         CorruptionError: a batch up to `stop` is invalid, or the LSNs have a gap.
         WalError: a read failed (the OSError is its cause).
     """
-    return _records(_batches(store, segments, start, stop, ncuts=_cuts_before(store)), store)
+    if ncuts is None:
+        ncuts = _cuts_before(store)
+    return _records(_batches(store, segments, start, stop, ncuts=ncuts), store)
 
 
 async def _records(
@@ -190,10 +200,12 @@ def _cut_error(cut: int) -> TruncatedError:
 
 
 def read_batches(
-    store: Store, segments: tuple[int, ...], start: int, stop: int
+    store: Store, segments: tuple[int, ...], start: int, stop: int, ncuts: int | None = None
 ) -> AsyncGenerator[Batch, None]:
     """As `read_records`, a batch at a time, saying where units end."""
-    return _batches(store, segments, start, stop, units=True, ncuts=_cuts_before(store))
+    if ncuts is None:
+        ncuts = _cuts_before(store)
+    return _batches(store, segments, start, stop, units=True, ncuts=ncuts)
 
 
 async def _batches(
@@ -253,6 +265,10 @@ async def _batches(
     def run(fn: Callable[..., T], *args: Any) -> Awaitable[T]:
         return settle(loop.run_in_executor(None, fn, *args))
 
+    # A read-only reader learns of the writer's truncations from META only: it reads META
+    # after each chunk (see `_read_then_look`).
+    chunk = partial(_read_then_look, store) if store.readonly else seg.Scan.batches
+
     if start < store.meta.first_lsn:
         raise await truncated()
     index = store.locate(start, segments)
@@ -270,7 +286,7 @@ async def _batches(
         size = FIRST_CHUNK
         try:
             while start <= stop:
-                batches = await run(scan.batches, size)
+                batches = await run(chunk, scan, size)
                 size = CHUNK
                 for offset, head, payload in batches:
                     if start > stop:
@@ -322,6 +338,20 @@ async def _batches(
             raise await truncated(
                 CorruptionError(path, scan.offset, f"expected LSN {scan.next_lsn}, found {what}")
             )
+
+
+def _read_then_look(
+    store: Store, scan: seg.Scan, size: int
+) -> list[tuple[int, fmt.BatchHeader, bytes]]:
+    """(Read-only stores.) The next batches, then a look at META. The writer commits a
+    truncation in META before it removes or rewrites anything, and its `cuts` count only
+    grows: if META shows no new cut after the batches were read, they are of the history
+    the read began in; if it shows one, the read stops at it (`_batches`). So a read never
+    gives a record written after a cut following one written before it. One small file
+    read per chunk of about 1 MiB (`CHUNK`)."""
+    batches = scan.batches(size)
+    store.reload_meta()
+    return batches
 
 
 async def follow_records(

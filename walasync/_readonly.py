@@ -4,13 +4,22 @@ It takes no lock and never writes: no repair, no truncation, no spare. What it k
 log comes from looking at the files (`Store.refresh`): META, the segment list, and the
 batches written since it last looked, read incrementally. A torn or half-written tail is
 simply where the data ends for now. The writer may rotate, truncate and cut the log under
-it: a vanished segment or a cut is reported as `TruncatedError` (after a fresh look at
-META), never read as garbage (checksums and per-segment salts see to that).
+it: a vanished segment or a cut is reported as `TruncatedError`, never read as garbage.
+
+Checksums and per-segment salts reject stale or foreign bytes, but not the batches the
+writer writes after a truncate_back (the cut segment keeps its file and salt): only META
+tells a reader of a cut. So each read looks at META again after each chunk it reads
+(`_reader._read_then_look`) and stops at a cut it finds there; a read goes up to what the
+look before it found, and stops at any cut seen after that look read META. Two cuts or
+more between two looks are taken for one at the lowest LSN they could have removed
+(`Meta.cut_since`). A cut seen drops the seal indexes kept for sealed segments and has the
+last segment read again from its header (`Store.look_at_meta`).
 
 Opened with `durable_only=True`, each look also makes what it found durable before it
 counts it: it fdatasyncs every segment file that gained records since its last look (an
 fdatasync flushes a file through any descriptor), then re-reads META; a truncate_back
 committed meanwhile means the records it saw may have been rewritten, so it looks again.
+After a cut it syncs again from the cut on (from the lowest possible one after several).
 Such a reader never yields a record that a power loss could take back: a shipper in
 another process (`walasync replicate`) can pass on what it reads.
 """
@@ -36,27 +45,28 @@ T = TypeVar("T", Record, Batch)
 
 
 class _Durable:
-    """What a `durable_only` reader has made durable: records below `synced`, as of META's
-    `cuts` count (None before the first look)."""
+    """What a `durable_only` reader has made durable: records below `synced`, as of the
+    first `seen` of the store's `cuts`."""
 
     def __init__(self) -> None:
         self.synced = 0
-        self.cuts: int | None = None
+        self.seen = 0
 
-    def look(self, store: Store) -> int:
+    def look(self, store: Store) -> tuple[int, int]:
         """`store.refresh()`, then fdatasync what it found beyond `synced` (on a thread)."""
         io = store.io
-        nxt = store.refresh()
+        nxt, ncuts = store.refresh()
         while True:
-            meta = store.meta
-            if self.cuts is not None and meta.cuts != self.cuts:
-                # Cut back since the last look: what follows the cut may be rewritten.
-                self.synced = min(self.synced, meta.last_cut)
-            if meta.cut:
-                self.synced = min(self.synced, meta.cut)
-            self.cuts = meta.cuts
+            cuts = store.cuts
+            if len(cuts) != self.seen:
+                # Cut back since the last look: what follows the cut may be rewritten (the
+                # lowest LSN it may start at, when META showed more than one cut).
+                self.synced = min(self.synced, *cuts[self.seen :])
+            if store.meta.cut:
+                self.synced = min(self.synced, store.meta.cut)
+            self.seen = len(cuts)
             if nxt <= self.synced:
-                return nxt
+                return nxt, ncuts
             segments = store.snapshot()
             for first in segments[store.locate(self.synced, segments) :]:
                 try:
@@ -68,10 +78,10 @@ class _Durable:
                 finally:
                     io.close(fd)
             store.reload_meta()
-            if store.meta.cuts == self.cuts:
+            if len(store.cuts) == ncuts:  # no cut since `refresh` read META
                 self.synced = nxt
-                return nxt
-            nxt = store.refresh()  # a cut committed while it synced: look again
+                return nxt, ncuts
+            nxt, ncuts = store.refresh()  # a cut committed while it synced: look again
 
 
 class ReadOnlyWal:
@@ -83,11 +93,13 @@ class ReadOnlyWal:
     """
 
     def __init__(
-        self, store: Store, next_lsn: int, poll_interval: float, durable: _Durable | None
+        self, store: Store, look: tuple[int, int], poll_interval: float, durable: _Durable | None
     ) -> None:
         self._store = store
         self._loop = asyncio.get_running_loop()
-        self._next = next_lsn
+        # The last look: the LSN after the data it found, and how many of the store's
+        # `cuts` it had seen when it read META (a read up to there stops at any later one).
+        self._next, self._ncuts = look
         self._poll = poll_interval
         self._durable = durable
         self._looking = asyncio.Lock()  # one look at a time: readers may overlap
@@ -148,7 +160,7 @@ class ReadOnlyWal:
         self._check()
         try:
             async with self._looking:
-                self._next = await self._loop.run_in_executor(
+                self._next, self._ncuts = await self._loop.run_in_executor(
                     None, _look, self._store, self._durable
                 )
         except OSError as exc:
@@ -192,23 +204,35 @@ class ReadOnlyWal:
         start: int | None,
         end: int | None,
         follow: bool,
-        reader: Callable[[Store, tuple[int, ...], int, int], AsyncGenerator[T, None]],
+        reader: Callable[[Store, tuple[int, ...], int, int, int], AsyncGenerator[T, None]],
         after: Callable[[T], int],
     ) -> AsyncGenerator[T, None]:
         await self.refresh()
         lsn = self.first_lsn if start is None else start
         if lsn < self.first_lsn:
             raise TruncatedError(f"records below {self.first_lsn} were truncated")
-        cuts = self._store.cuts
-        seen = len(cuts)
+        store = self._store
+        cuts = store.cuts
+        seen = self._ncuts
         while True:
             seen = cuts_since(cuts, seen, lsn)
+            ncuts = self._ncuts  # the cuts the look that found `last_lsn` had seen
             stop = self.last_lsn if end is None else min(end, self.last_lsn)
             if lsn <= stop:
-                store = self._store
-                async for item in reader(store, store.snapshot(), lsn, stop):
-                    yield item
-                    lsn = after(item)
+                try:
+                    async for item in reader(store, store.snapshot(), lsn, stop, ncuts):
+                        yield item
+                        lsn = after(item)
+                except TruncatedError:
+                    # A cut at or after what a follower gave is no loss to it: the records
+                    # that follow the cut come in the next pass.
+                    since = cuts[ncuts:]
+                    if not follow or lsn < self.first_lsn or not since or min(since) < lsn:
+                        raise
+                    if self._closed:
+                        return
+                    await self.refresh()
+                    continue
             if not follow or (end is not None and lsn > end) or self._closed:
                 return
             waiter = asyncio.ensure_future(self._stopped.wait())
@@ -252,7 +276,7 @@ def _after_batch(batch: Batch) -> int:
     return batch.lsn + len(batch.records)
 
 
-def _look(store: Store, durable: _Durable | None) -> int:
+def _look(store: Store, durable: _Durable | None) -> tuple[int, int]:
     return store.refresh() if durable is None else durable.look(store)
 
 
@@ -264,14 +288,14 @@ async def _open_readonly(
     try:
         store = await loop.run_in_executor(None, Store.open_readonly, io, path)
         store.max_record_size = max_record_size
-        next_lsn = await loop.run_in_executor(None, _look, store, durable)
+        look = await loop.run_in_executor(None, _look, store, durable)
     except FileNotFoundError as exc:
         raise WalError(f"no walasync log at {path} (no such directory)") from exc
     except NotADirectoryError as exc:
         raise WalError(f"no walasync log at {path} (not a directory)") from exc
     except OSError as exc:
         raise map_os_error(exc, f"opening {path}") from exc
-    return ReadOnlyWal(store, next_lsn, poll_interval, durable)
+    return ReadOnlyWal(store, look, poll_interval, durable)
 
 
 def open_readonly(

@@ -95,6 +95,14 @@ class Store:
         self.cuts_done = 0
         self.readonly = False
         self._tail: LastSegment | None = None  # (read-only) the last segment as last seen
+        # (Read-only.) A look takes META under this lock, so that looks on several threads
+        # (`refresh`, and each read after each chunk) take what it says in the order read.
+        # `cut_epoch` counts the looks that saw a cut begin or end: an index or a tail read
+        # before one may describe bytes the writer has rewritten since, and is not kept.
+        self._meta_lock = threading.Lock()
+        self._looked = False
+        self.cut_epoch = 0
+        self._tail_epoch = -1
         # How batches are written and read back: the writer's compressor (None: plain
         # batches, segments of the default format version), and the largest record that
         # readers accept when expanding a compressed batch.
@@ -146,16 +154,26 @@ class Store:
         store.readonly = True
         return store
 
-    def refresh(self) -> int:
+    def refresh(self) -> tuple[int, int]:
         """(Read-only stores.) Look at the log again, reading only what changed: META, the
-        list of segments, the batches written since; return the LSN after the last valid
-        batch. A torn or half-written tail is where the data ends for now.
+        list of segments, the batches written since. Returns the LSN after the last valid
+        batch, and how many `cuts` the store had seen when it read META: a read up to that
+        LSN must stop at any cut seen after (it may have read records written after it).
+        A torn or half-written tail is where the data ends for now.
 
         Raises:
             CorruptionError: not a walasync log (no segment), or META is damaged.
         """
+        while True:
+            found = self._look()
+            if found is not None:
+                return found
+
+    def _look(self) -> tuple[int, int] | None:
+        """`refresh`, or None if the last segment listed was gone when it was opened (the
+        writer removed it meanwhile): look again."""
         io = self.io
-        meta = self.read_meta()
+        meta, epoch, ncuts = self.look_at_meta()
         names = io.listdir(self.path)
         segments = tuple(sorted(lsn for lsn in map(seg.parse_name, names) if lsn is not None))
         if not segments:
@@ -167,18 +185,23 @@ class Store:
                 )
             raise NotALogError(self.path, 0, "not a walasync log: it has no segment file")
         if meta is None:
-            meta = Meta(b"", segments[0], segments[0])
-        cut = meta.cut or (meta.last_cut if meta.cuts != self.meta.cuts else 0)
-        if cut and self._tail is not None:
-            self.cuts.append(cut)  # readers that began before stop there
-            self.cuts_done = len(self.cuts)
+            with self._meta_lock:
+                if not self.meta.log_id:  # else META has appeared meanwhile
+                    self.meta = Meta(b"", segments[0], segments[0])
+                meta = self.meta
         tail = self._tail
+        # Read the last segment from its header again after a cut (its batches from the
+        # cut on are not those scanned), and while one is under way.
+        stale = self._tail_epoch != epoch or meta.cut != 0
         while True:
             last = segments[-1]
-            if tail is not None and tail.first_lsn == last and not cut:
+            if tail is not None and tail.first_lsn == last and not stale:
                 break
             path = self.segment_path(last)
-            fd = io.open_read(path)
+            try:
+                fd = io.open_read(path)
+            except FileNotFoundError:
+                return None
             try:
                 salt = seg.read_header(io, fd, path, last)
             except UnsupportedFormatError:
@@ -193,11 +216,19 @@ class Store:
             finally:
                 io.close(fd)
             tail = LastSegment(-1, last, salt, fmt.SEGMENT_HEADER, last, seg.Index())
-            self.indexes[last] = tail.index
             break
-        self.meta, self.segments = meta, segments
+        with self._meta_lock:
+            if epoch == self.cut_epoch:  # else a cut seen meanwhile: rebuilt next time
+                self.indexes[last] = tail.index
+            listed = set(segments)
+            for first in [first for first in self.indexes if first not in listed]:
+                del self.indexes[first]  # removed: their memory back
+        self.segments = segments
         path = self.segment_path(last)
-        fd = io.open_read(path)
+        try:
+            fd = io.open_read(path)
+        except FileNotFoundError:
+            return None
         try:
             scan = seg.Scan(io, fd, path, tail.salt, tail.end, tail.next_lsn)
             while scan.end is None:
@@ -206,20 +237,45 @@ class Store:
         finally:
             io.close(fd)
         tail.end, tail.next_lsn = scan.offset, scan.next_lsn
-        self._tail = tail
-        return min(tail.next_lsn, meta.cut) if meta.cut else tail.next_lsn
+        self._tail, self._tail_epoch = tail, epoch
+        return (min(tail.next_lsn, meta.cut) if meta.cut else tail.next_lsn), ncuts
 
     def reload_meta(self) -> None:
-        """(Read-only stores.) Re-read META only: after a read failed, to tell a
-        truncation by the writer from damage."""
-        meta = self.read_meta()
-        if meta is None:
-            return
-        cut = meta.cut or (meta.last_cut if meta.cuts != self.meta.cuts else 0)
-        if cut:
-            self.cuts.append(cut)
-            self.cuts_done = len(self.cuts)
-        self.meta = meta
+        """(Read-only stores.) Re-read META only: after each chunk a read takes, so that a
+        cut committed before the chunk was read stops the read; and after a read failed,
+        to tell a truncation by the writer from damage."""
+        self.look_at_meta()
+
+    def look_at_meta(self) -> tuple[Meta | None, int, int]:
+        """(Read-only stores.) Read META and take what changed since the last look: a
+        truncate_back committed since goes into `cuts` (the lowest LSN it may have removed:
+        `Meta.cut_since`), and the indexes kept for sealed segments are dropped when a cut
+        begins or ends. Returns META (None if the log has none), `cut_epoch` and how many
+        `cuts` there are, all as of this look."""
+        with self._meta_lock:
+            meta = self.read_meta()
+            if meta is not None and meta != self.meta:
+                cut = meta.cut_since(self.meta) if self._looked else 0
+                if cut:
+                    self.cuts.append(cut)  # readers that began before stop there
+                    self.cuts_done = len(self.cuts)
+                if cut or meta.cut != self.meta.cut:
+                    self.cut_epoch += 1
+                    self.indexes.clear()
+                self.meta = meta
+            self._looked = True
+            return meta, self.cut_epoch, len(self.cuts)
+
+    def keep_index(self, first_lsn: int, index: seg.Index, epoch: int) -> seg.Index:
+        """Keep the index read from a sealed segment's seal, unless a cut was seen since
+        `cut_epoch` was `epoch` (read-only: the seal may be one the cut removed); return
+        the index to use."""
+        if not self.readonly:
+            return self.indexes.setdefault(first_lsn, index)
+        with self._meta_lock:
+            if epoch == self.cut_epoch:
+                return self.indexes.setdefault(first_lsn, index)
+        return index
 
     def recycle(self, path: str) -> bool:
         """Keep a segment file that truncation frees as the next spare (RocksDB's
