@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from . import _compress
 from . import _format as fmt
 from . import _segment as seg
 from ._inspect import look
@@ -280,7 +281,16 @@ class _Walk:
                     if cut_offset is not None and offset >= cut_offset:
                         return None  # the rest goes with the interrupted cut
                     try:
-                        fmt.decode_records(head, payload)
+                        # A compressed batch is checked expanded, as a reader decodes it
+                        # (the bound: the largest batch any reader accepts).
+                        fmt.decode_records(*fmt.expand(head, payload, _compress.MAX_EXPANDED))
+                    except ImportError as exc:
+                        raise UnsupportedFormatError(
+                            path,
+                            offset,
+                            "a batch compressed with zstd: checking it needs "
+                            + _compress.EXTRA_HINT,
+                        ) from exc
                     except fmt.FormatError as exc:
                         problem = Problem(path, offset, head.first_lsn, str(exc))
                         return problem, Fix("cut", first, offset, head.first_lsn)
