@@ -94,7 +94,7 @@ SCRIPTS = [
         (
             row(rf"followers \({LOOP}\)", "appends/s", "range", "lag p50 ms", "lag p99 ms"),
             row("0", N, SPAN, "-", "-"),
-            *(row(count, N, SPAN, N, N) for count in ("1", "16", "r1")),
+            *(row(count, N, SPAN, N, N) for count in ("1", "16", "b16", "r1")),
         ),
     ),
     Script(
@@ -151,6 +151,15 @@ SCRIPTS = [
             rf"checkpoint\(\) {N} ms, snapshot {N} MB$",
             rf"^open, replaying every event: {N} ms$",
             rf"^open, from the snapshot: {N} ms$",
+        ),
+    ),
+    Script(
+        "bench_readonly",
+        ("bench_readonly.py", "--size", "2M", "--repeat", "1"),
+        (
+            r"^2M log, 2,048 records of 1024 bytes$",
+            row("tree", "read", r"seconds \(median\)", "runs", "MB/s", "records/s"),
+            *(row(r"\S+", mode, N, N, N, N) for mode in ("ro", "wal")),
         ),
     ),
     Script(
