@@ -605,13 +605,14 @@ class Batcher:
         while held[i].lsn > start:  # followers read near the newest end
             i -= 1
         out = []
-        for lsn, records, joined in islice(held, i, None):
+        for k in range(i, len(held)):  # by index: islice would walk the deque from its start
+            lsn, records, joined = held[k]
             if lsn > upto:
                 break
             lo, hi = max(start - lsn, 0), min(upto - lsn + 1, len(records))
-            out.append(
-                Batch(lsn + lo, records[lo:hi], tuple(j - lo for j in joined if lo <= j < hi))
-            )
+            if joined:
+                joined = tuple(j - lo for j in joined if lo <= j < hi)
+            out.append(Batch(lsn + lo, records[lo:hi], joined))  # a list of its own
         return out
 
     def _keep(self, batch: Batch, nbytes: int) -> None:
