@@ -33,6 +33,7 @@ __all__ = (
     "Batch",
     "Record",
     "Watermark",
+    "cut_ahead",
     "follow_batches",
     "follow_records",
     "read_batches",
@@ -429,13 +430,7 @@ async def follow_batches(
                             # The caller asks for the next batch once it is done with this one.
                             start = batch.lsn + len(batch.records)
                 except TruncatedError:
-                    # A cut at or after what this follower gave is no loss to it: the records
-                    # that follow the cut come in the next pass.
-                    if (
-                        start < store.meta.first_lsn
-                        or len(cuts) == seen
-                        or min(cuts[seen:]) < start
-                    ):
+                    if not cut_ahead(store, seen, start):
                         raise
                     continue
                 start = upto + 1
@@ -443,6 +438,15 @@ async def follow_batches(
                 return
     finally:
         watermark.keep_recent(False)
+
+
+def cut_ahead(store: Store, seen: int, start: int) -> bool:
+    """Whether the truncation that stopped a follower's read is no loss to it: cuts made
+    after the first `seen` of `store.cuts`, all at or after `start` (it gave every record
+    below), and no truncate_front past it. The records that follow the cut come in its
+    next pass."""
+    since = store.cuts[seen:]
+    return bool(since) and min(since) >= start and start >= store.meta.first_lsn
 
 
 def cuts_since(cuts: list[int], seen: int, start: int) -> int:

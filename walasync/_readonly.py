@@ -35,7 +35,7 @@ from typing import TypeVar
 
 from ._io import FileIO
 from ._opener import Opener, require_loop
-from ._reader import Batch, Record, cuts_since, read_batches, read_records
+from ._reader import Batch, Record, cut_ahead, cuts_since, read_batches, read_records
 from ._store import Store
 from .errors import ClosedError, TruncatedError, WalError, map_os_error
 
@@ -224,10 +224,7 @@ class ReadOnlyWal:
                         yield item
                         lsn = after(item)
                 except TruncatedError:
-                    # A cut at or after what a follower gave is no loss to it: the records
-                    # that follow the cut come in the next pass.
-                    since = cuts[ncuts:]
-                    if not follow or lsn < self.first_lsn or not since or min(since) < lsn:
+                    if not follow or not cut_ahead(store, ncuts, lsn):
                         raise
                     if self._closed:
                         return
