@@ -686,8 +686,9 @@ async def test_an_append_parked_while_a_rebuild_fails_raises_broken_log_error(
         await until(lambda: "parked=1" in repr(kv), "the late append to park")
         io.release.set()
         async with cancel_after(15):
-            with pytest.raises(walasync.WalError, match="injected read error"):
+            with pytest.raises(walasync.BrokenLogError, match="injected read error") as cut_info:
                 await cut
+            assert isinstance(cut_info.value.__cause__, walasync.WalError)
             with pytest.raises(walasync.BrokenLogError) as info:
                 await late
         assert info.value.__cause__ is not None

@@ -347,7 +347,6 @@ def test_a_torn_write_over_old_frames_is_cut(
     frame = head + payload
     k = len(head) + int(cut * (len(payload.rstrip(b"\0")) - 1))  # its header, not all
     image = bytearray(clean)
-    assume(image[end : end + len(frame)] != frame)  # the old bytes do not complete it
     if damage != "only the next batch":
         image[end : end + k] = frame[:k]
     if damage != "torn":  # the next batch, whole, after the torn one or the data
@@ -355,6 +354,10 @@ def test_a_torn_write_over_old_frames_is_cut(
         after = b"".join(fmt.encode_batch(lsn + len(torn), [b"next"], salt))
         image[at : at + len(after)] = after
     assert len(image) == len(clean)
+    # Neither the old bytes nor the next batch's (it begins where the torn write ends)
+    # complete the torn batch: not all of it up to its last non-zero byte is there.
+    whole = len(head) + len(payload.rstrip(b"\0"))
+    assume(image[end : end + whole] != frame[:whole])
     last.write_bytes(bytes(image))
     if damage != "torn":
         assert walasync.describe(path).problems

@@ -473,7 +473,9 @@ class KeyedLog:
             raise self._broken()
 
     def _broken(self) -> BrokenLogError:
-        exc = BrokenLogError("the key index could not be kept in step with the log")
+        exc = BrokenLogError(
+            f"the key index could not be kept in step with the log: {self._failure!r}"
+        )
         exc.__cause__ = self._failure
         return exc
 
@@ -1017,7 +1019,10 @@ class KeyedLog:
                     del self._early[parked]
             except ValueError:
                 raise  # nothing changed: the index stands
-            except BaseException as exc:
+            except Exception as exc:
+                self._failure = exc
+                raise self._broken() from exc
+            except BaseException as exc:  # cancelled: the index is as unknown
                 self._failure = exc
                 raise
             finally:
