@@ -1022,7 +1022,7 @@ class KeyedLog:
             except Exception as exc:
                 self._failure = exc
                 raise self._broken() from exc
-            except BaseException as exc:  # cancelled: the index is as unknown
+            except BaseException as exc:  # cancelled: the index is just as unknown
                 self._failure = exc
                 raise
             finally:
