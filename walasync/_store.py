@@ -549,7 +549,6 @@ class Store:
         """Open the last segment for writing (creating the first at `first_lsn` if there is
         none), repair its tail and make it durable."""
         io = self.io
-        expected: int | None = None  # where the data must end, once an empty segment went
         while True:
             if not self.segments:
                 return self._create(segment_size, first_lsn)
@@ -560,10 +559,6 @@ class Store:
                 header = seg.read_full_header(io, fd, path, last)
                 salt, recycled = header.salt, header.previous_salt != 0
                 tail = seg.scan_tail(io, fd, path, last, salt, header.previous_salt)
-                if expected is not None and tail.next_lsn != expected:
-                    raise CorruptionError(
-                        path, tail.end, f"expected LSN {expected}, found the end of the data"
-                    )
                 if tail.sealed:
                     missing = self.segment_path(tail.next_lsn)
                     raise CorruptionError(
@@ -572,9 +567,8 @@ class Store:
                         f"segment missing: {os.path.basename(path)} was sealed after this "
                         "segment was created, and records in it may have been acknowledged",
                     )
-                if self._drop_if_unsealed_successor(tail):
-                    expected = last
-                else:
+                # (If the empty last segment goes, the loop recovers its predecessor.)
+                if not self._drop_if_unsealed_successor(tail):
                     if seg.repair_tail(io, fd, path, tail):
                         _log.warning(
                             "%s: cut a torn tail at offset %d (%d bytes): the last write "
