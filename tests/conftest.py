@@ -11,6 +11,13 @@ from typing import Any, TypeVar
 
 import pytest
 from blockbuster import BlockBuster, BlockBusterFunction
+from hypothesis import settings
+
+# The suite draws the same hypothesis examples on every run (a failure in CI can be run
+# again as it was); `pytest --hypothesis-profile=explore` draws new ones, to look further.
+settings.register_profile("repeatable", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile("repeatable")
 
 try:
     import uvloop
