@@ -4,17 +4,20 @@ with `truncate_back` (tests/test_crash.py) and the follow rules of the model
 the cut. All are fixed; each stays as a plain test.
 
 The cut's steps (`Appender.truncate_back`, `Store.cut`): fdatasync; commit META with the
-cut (`store.meta` names it from here on); delete later segments; rewrite the batch that
-holds the cut, zero the rest, fdatasync; write META again with the cut cleared
-(`store.meta` is that META from its start); append the cut to `store.cuts`.
+cut; append the cut to `store.cuts`, set `store.cutting` (`store.meta` names the cut from
+here on); delete later segments; rewrite the batch that holds the cut in place, zero the
+rest, fdatasync; write META again with the cut cleared (`store.meta` is that META from its
+start). Back on the loop, the batcher sets `cuts_done` and clears `cutting`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -22,7 +25,7 @@ from conftest import small, until
 from iofaults import ControlledIO
 
 import walasync
-from walasync import FileIO, Record, TruncatedError
+from walasync import BrokenLogError, CorruptionError, FileIO, Record, TruncatedError
 from walasync._meta import TMP_NAME
 from walasync.testing import SimulatedDisk
 
@@ -329,3 +332,126 @@ async def test_a_sync_racing_a_cut_claims_nothing_the_cut_left_unsynced(
     async with walasync.open("/data/log", io=after) as wal:
         assert wal.last_lsn >= durable
         assert [r.lsn async for r in wal.read(1, durable)] == list(range(1, durable + 1))
+
+
+class HoldRead(FileIO):
+    """Once armed, holds the first `pread` of more than `over` bytes (a read of a batch too
+    big for the first chunk, after its header was read) until released."""
+
+    def __init__(self, over: int) -> None:
+        self.over = over
+        self.armed = False
+        self.held = threading.Event()
+        self.release = threading.Event()
+
+    def pread(self, fd: int, size: int, offset: int) -> bytes:
+        if self.armed and size > self.over:
+            self.armed = False
+            self.held.set()
+            assert self.release.wait(30), "test gate never opened"
+        return super().pread(fd, size, offset)
+
+
+@pytest.mark.parametrize("follow", [False, True])
+async def test_a_read_of_the_batch_a_cut_rewrites_gives_the_records_it_keeps(
+    log_dir: Path, follow: bool
+) -> None:
+    """Fixed (the kill -9 torture with truncate_back, in CI): a cut inside a batch rewrites
+    it in place with the records it keeps. A read that took the batch's header before the
+    rewrite and its body after it found an invalid batch and raised `CorruptionError`
+    ("expected LSN 2, found an invalid batch") on a sound log. It now reads the batch again
+    once the cut is over: the records below the cut, then `TruncatedError` (the read
+    began before the cut)."""
+    io = HoldRead(64 << 10)
+    async with walasync.open(log_dir, io=io) as wal:
+        await wal.append(b"first")
+        lsns = await asyncio.gather(*(wal.append(b"%d|" % i + bytes(999)) for i in range(100)))
+        assert lsns == list(range(2, 102))
+        batches = [(b.lsn, len(b.records)) async for b in wal.read_batches()]
+        assert batches == [(1, 1), (2, 100)]  # 100 kB: more than a read's first chunk
+        reading = wal.read(2, follow=follow)
+        io.armed = True
+        first = asyncio.ensure_future(reading.__anext__())
+        await until(io.held.is_set, "the read to hold the batch's header")
+        await wal.truncate_back(50)  # rewrites the batch with 2..50, zeroes the rest
+        io.release.set()
+        got = [await first]
+        if follow:
+            got += [await reading.__anext__() for _ in range(48)]
+            following = asyncio.ensure_future(reading.__anext__())
+            await until(lambda: following.done() or len(wal._batcher._watchers) == 1, "a wait")
+            assert not following.done(), following.result()
+            assert await wal.append(b"new") == 51
+            assert await following == Record(51, b"new")
+            await reading.aclose()
+        else:
+            with pytest.raises(TruncatedError):
+                async for rec in reading:
+                    got.append(rec)
+        assert [r.lsn for r in got[:49]] == list(range(2, 51))
+        assert all(r.data.startswith(b"%d|" % (r.lsn - 2)) for r in got[:49])
+
+
+async def test_a_read_only_read_of_the_batch_a_cut_rewrites_gives_the_records_it_keeps(
+    log_dir: Path,
+) -> None:
+    """As above, for a read-only reader: it learns of the cut from META."""
+    io = HoldRead(64 << 10)
+    async with walasync.open(log_dir) as wal:
+        await wal.append(b"first")
+        await asyncio.gather(*(wal.append(b"%d|" % i + bytes(999)) for i in range(100)))
+        async with walasync.open(log_dir, readonly=True, io=io) as ro:
+            assert ro.last_lsn == 101
+            reading = ro.read(2)
+            io.armed = True
+            first = asyncio.ensure_future(reading.__anext__())
+            await until(io.held.is_set, "the read to hold the batch's header")
+            await wal.truncate_back(50)
+            io.release.set()
+            got = [await first]
+            with pytest.raises(TruncatedError):
+                async for rec in reading:
+                    got.append(rec)  # noqa: PERF401 - what it gave before it stopped
+            assert [r.lsn for r in got] == list(range(2, 51))
+
+
+class HoldReadFailCut(HoldRead):
+    """As `HoldRead`; once `fail_cut` is set, the fdatasync after the cut rewrote its batch
+    (one buffer written at `offset`) fails with EIO; the zeroing thread's do not."""
+
+    def __init__(self, over: int, offset: int) -> None:
+        super().__init__(over)
+        self.offset = offset
+        self.fail_cut = False
+        self.rewrote = False
+
+    def pwritev(self, fd: int, buffers: Sequence[bytes], offset: int) -> None:
+        super().pwritev(fd, buffers, offset)
+        self.rewrote |= self.fail_cut and len(buffers) == 1 and offset == self.offset
+
+    def fdatasync(self, fd: int) -> None:
+        if self.rewrote and not threading.current_thread().name.startswith("walasync-prealloc"):
+            self.rewrote = self.fail_cut = False
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        super().fdatasync(fd)
+
+
+async def test_a_read_of_the_batch_a_failed_cut_rewrote_raises_without_waiting(
+    log_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read that finds the batch a cut was rewriting waits for the cut to end; when the
+    cut fails (the log is broken, META still shows the cut) it raises at once."""
+    monkeypatch.setattr("walasync._reader.CUT_WAIT", 3600.0)  # a wait would hang the test
+    io = HoldReadFailCut(64 << 10, 72)  # the second batch's offset
+    async with walasync.open(log_dir, io=io) as wal:
+        await wal.append(b"first")
+        await asyncio.gather(*(wal.append(b"%d|" % i + bytes(999)) for i in range(100)))
+        reading = wal.read(2)
+        io.armed = io.fail_cut = True
+        first = asyncio.ensure_future(reading.__anext__())
+        await until(io.held.is_set, "the read to hold the batch's header")
+        with pytest.raises(BrokenLogError):
+            await wal.truncate_back(50)
+        io.release.set()
+        with pytest.raises(CorruptionError, match="offset 72: expected LSN 2"):
+            await asyncio.wait_for(first, 60)

@@ -247,7 +247,7 @@ class Appender:
             store.cut(self.segment_size)
             last = store.recover_last(self.segment_size)
         except BaseException as exc:
-            self.failed = exc
+            self.failed = store.cut_failed = exc
             raise
         self.fd, self.first, self.salt = last.fd, last.first_lsn, last.salt
         self.version = last.version

@@ -93,6 +93,8 @@ class Store:
         # writer's loop once its watermarks show a cut), so a read never takes a cut that
         # is under way for one made before it (see `_reader._cuts_before`).
         self.cuts_done = 0
+        # Why a committed cut failed on the way (the log is broken, META still shows it).
+        self.cut_failed: BaseException | None = None
         self.readonly = False
         self._tail: LastSegment | None = None  # (read-only) the last segment as last seen
         # (Read-only.) A look takes META under this lock, so that looks on several threads
