@@ -354,12 +354,11 @@ async def _batches(
             await run(store.io.close, scan.fd)
         if start > stop:
             return
-        if scan.end == "invalid" and await rewritten():
-            continue  # the same segment again, from `start`
-        index += 1
-        follows = segments[index] if index < len(segments) else None
+        follows = segments[index + 1] if index + 1 < len(segments) else None
         # Invalid bytes after all of a segment's records are a torn seal: harmless.
         if follows != scan.next_lsn:
+            if scan.end == "invalid" and await rewritten():
+                continue  # the same segment again, from `start`
             what = (
                 "an invalid batch"
                 if scan.end == "invalid"
@@ -370,6 +369,7 @@ async def _batches(
             raise await truncated(
                 CorruptionError(path, scan.offset, f"expected LSN {scan.next_lsn}, found {what}")
             )
+        index += 1
 
 
 def _read_then_look(
