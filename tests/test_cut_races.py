@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from conftest import small, until
+from conftest import segment_files, small, until
 from iofaults import ControlledIO
 
 import walasync
@@ -455,3 +455,27 @@ async def test_a_read_of_the_batch_a_failed_cut_rewrote_raises_without_waiting(
         io.release.set()
         with pytest.raises(CorruptionError, match="offset 72: expected LSN 2"):
             await asyncio.wait_for(first, 60)
+
+
+def replace_once(path: Path, old: bytes, new: bytes) -> None:
+    data = path.read_bytes()
+    assert data.count(old) == 1
+    path.write_bytes(data.replace(old, new))
+
+
+async def test_damage_below_a_cut_made_during_a_read_still_raises(log_dir: Path) -> None:
+    """A read that finds an invalid batch after a cut above it reads it again once, and
+    no more: damage that is not the cut's rewrite raises `CorruptionError`."""
+    async with walasync.open(log_dir, **small()) as wal:
+        await wal.append(b"first")
+        lsns = await asyncio.gather(*(wal.append(b"%03d|" % i + bytes(95)) for i in range(2, 22)))
+        assert lsns == list(range(2, 22))  # one batch
+        assert await wal.append(bytes(2000)) == 22  # no room left: the second segment
+        await asyncio.gather(*(wal.append(b"%d" % i) for i in range(23, 43)))
+        first, _ = segment_files(log_dir)
+        assert [b.lsn async for b in wal.read_batches(end=21)] == [1, 2]
+        replace_once(first, b"010|", b"110|")  # a bit of record 10 flips
+        reading = wal.read(2)  # it began before the cut
+        await wal.truncate_back(30)  # rewrites a batch of the second segment
+        with pytest.raises(CorruptionError, match="offset 72: expected LSN 2"):
+            await asyncio.wait_for(reading.__anext__(), 60)
