@@ -17,7 +17,7 @@ import contextlib
 import errno
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -48,6 +48,14 @@ class HoldMetaWrite(FileIO):
                 self.held.set()
                 assert self.release.wait(30), "test gate never opened"
         return super().open(path, create=create)
+
+
+async def waiting(wal: walasync.Wal, reading: AsyncIterator[Record]) -> asyncio.Future[Record]:
+    """Ask a follower for its next record; return the request once the follower waits."""
+    following = asyncio.ensure_future(anext(reading))
+    await until(lambda: following.done() or len(wal._batcher._watchers) == 1, "a wait")
+    assert not following.done(), following.result()
+    return following
 
 
 async def five_records(wal: walasync.Wal) -> None:
@@ -130,9 +138,7 @@ async def test_a_read_crossing_into_a_segment_a_cut_emptied_raises_truncated_err
                 await reading.__anext__()
             return
         # The follower gave nothing that was removed: it waits for LSN 4, then gives it.
-        following = asyncio.ensure_future(reading.__anext__())
-        await until(lambda: following.done() or len(wal._batcher._watchers) == 1, "a wait")
-        assert not following.done(), following.result()
+        following = await waiting(wal, reading)
         await wal.append(b"new")
         assert await following == Record(4, b"new")
 
@@ -157,9 +163,7 @@ async def test_a_read_that_gave_a_whole_segment_then_crosses_a_cut(
             with pytest.raises(TruncatedError):
                 await reading.__anext__()
             return
-        following = asyncio.ensure_future(reading.__anext__())
-        await until(lambda: following.done() or len(wal._batcher._watchers) == 1, "a wait")
-        assert not following.done(), following.result()
+        following = await waiting(wal, reading)
         await wal.append(b"new")
         assert await following == Record(4, b"new")
 
@@ -218,9 +222,7 @@ async def test_a_follower_starting_between_a_cuts_two_commit_steps_gives_nothing
             await asyncio.sleep(0)  # its first pass starts: what it may read is set
             store.cutting = cutting
         assert await first == Record(1, b"1")
-        following = asyncio.ensure_future(reading.__anext__())
-        await until(lambda: following.done() or len(wal._batcher._watchers) == 1, "a wait")
-        assert not following.done(), following.result()
+        following = await waiting(wal, reading)
         assert await wal.append(b"new") == 2
         assert await following == Record(2, b"new")
         await reading.aclose()
@@ -237,9 +239,7 @@ async def test_a_follower_reaching_a_cut_in_progress_waits_for_what_follows_it(
         reading = wal.read(1, follow=True)
         assert await reading.__anext__() == Record(1, b"1")
         async with cut_held(wal, io, 1):  # records 2..5 are zeroed
-            following = asyncio.ensure_future(reading.__anext__())
-            await until(lambda: following.done() or len(wal._batcher._watchers) == 1, "a wait")
-            assert not following.done(), following.result()
+            following = await waiting(wal, reading)
         assert await wal.append(b"new") == 2
         assert await following == Record(2, b"new")
         await reading.aclose()
@@ -378,9 +378,7 @@ async def test_a_read_of_the_batch_a_cut_rewrites_gives_the_records_it_keeps(
         got = [await first]
         if follow:
             got += [await reading.__anext__() for _ in range(48)]
-            following = asyncio.ensure_future(reading.__anext__())
-            await until(lambda: following.done() or len(wal._batcher._watchers) == 1, "a wait")
-            assert not following.done(), following.result()
+            following = await waiting(wal, reading)
             assert await wal.append(b"new") == 51
             assert await following == Record(51, b"new")
             await reading.aclose()
