@@ -335,8 +335,9 @@ async def test_a_sync_racing_a_cut_claims_nothing_the_cut_left_unsynced(
 
 
 class HoldRead(FileIO):
-    """Once armed, holds the first `pread` of more than `over` bytes (a read of a batch too
-    big for the first chunk, after its header was read) until released."""
+    """Once armed, holds the first `pread` of more than `over` bytes and less than 1 MiB (a
+    read of a batch too big for a read's first chunk, after its header was read; not the
+    1 MiB chunk a read-only look at the writer's tail takes) until released."""
 
     def __init__(self, over: int) -> None:
         self.over = over
@@ -345,7 +346,7 @@ class HoldRead(FileIO):
         self.release = threading.Event()
 
     def pread(self, fd: int, size: int, offset: int) -> bytes:
-        if self.armed and size > self.over:
+        if self.armed and self.over < size < 1 << 20:
             self.armed = False
             self.held.set()
             assert self.release.wait(30), "test gate never opened"
@@ -477,3 +478,27 @@ async def test_damage_below_a_cut_made_during_a_read_still_raises(log_dir: Path)
         await wal.truncate_back(30)  # rewrites a batch of the second segment
         with pytest.raises(CorruptionError, match="offset 72: expected LSN 2"):
             await asyncio.wait_for(reading.__anext__(), 60)
+
+
+async def test_a_read_only_read_waits_a_bounded_time_for_a_cut_that_never_ends(
+    log_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read-only reader cannot see a cut fail (or its writer killed during it): META
+    shows the cut under way for good. It waits `CUT_WAIT` for the cut to end, then raises
+    what it found."""
+    monkeypatch.setattr("walasync._reader.CUT_WAIT", 0.2)
+    writer_io = HoldReadFailCut(1 << 20, 72)  # holds no read; fails the cut's fdatasync
+    io = HoldRead(64 << 10)
+    async with walasync.open(log_dir, io=writer_io) as wal:
+        await wal.append(b"first")
+        await asyncio.gather(*(wal.append(b"%d|" % i + bytes(999)) for i in range(100)))
+        async with walasync.open(log_dir, readonly=True, io=io) as ro:
+            reading = ro.read(2)
+            io.armed = writer_io.fail_cut = True
+            first = asyncio.ensure_future(anext(reading))
+            await until(io.held.is_set, "the read to hold the batch's header")
+            with pytest.raises(BrokenLogError):
+                await wal.truncate_back(50)
+            io.release.set()
+            with pytest.raises(CorruptionError, match="offset 72: expected LSN 2"):
+                await asyncio.wait_for(first, 60)
